@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   -> create .venv, install hfgen, train on the built-in shapes data and write samples
+#   make test   -> create .venv, install hfgen with dev extras, run the whole test suite offline
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned first: on these machines torch==2.13.0 is a CPU build already on disk,
+# an unpinned torch would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; run 'make PYTHON=python3 ...'"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: install demo test lint
+install: $(VENV)/.installed
+
+demo: install
+	HF_HUB_OFFLINE=1 $(PY) examples/demo.py
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
+
+lint: install
+	$(VENV)/bin/ruff check hfgen pipelines training tests examples benchmarks

@@ -1,0 +1,218 @@
+"""Pieces that every hfgen denoiser shares, because they truly are the same.
+
+- ``DenoiserOutput``: what ``forward`` returns (``.sample``, plus ``.latents`` for RIN).
+- ``timestep_embedding`` / ``TimestepEmbedder``: sinusoidal features of t followed by an MLP.
+- ``Attention``: multi-head self- or cross-attention on ``F.scaled_dot_product_attention``.
+- ``zero_module``: zero a layer's parameters so a residual branch starts as the identity.
+- ``check_denoiser_inputs``: one place that turns bad ``forward`` arguments into short, specific errors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils import BaseOutput
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DenoiserOutput(BaseOutput):
+    """
+    :param sample: the model output, an [N x out_channels x H x W] tensor (eps, v or x0 by the training objective).
+    :param latents: RIN only: the latent state Z [N x num_latents x D] to feed back at the next step.
+    """
+
+    sample: torch.Tensor
+    latents: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Timestep embedding
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of a 1-D tensor of (possibly fractional) timesteps: (B,) -> (B, dim), [cos | sin]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """t (B,) -> sinusoidal features (B, frequency_dim) -> MLP -> (B, dim)."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype)
+        return self.mlp(emb)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """
+    Multi-head attention of tokens x (B, N, D) to themselves or to a context (B, L, context_dim).
+
+    :param dim: token width D.
+    :param num_heads: number of heads; D must divide by it.
+    :param context_dim: width of the context tokens; None means self-attention.
+    :param zero_init_out: zero the output projection so the residual branch starts as the identity.
+    """
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, zero_init_out: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        context_dim = dim if context_dim is None else context_dim
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(context_dim, dim)
+        self.to_v = nn.Linear(context_dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        if zero_init_out:
+            zero_module(self.to_out)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """
+        :param x: queries (B, N, D).
+        :param context: keys/values (B, L, C); None attends x to itself.
+        :param context_mask: (B, L), 1/True where a context token may be attended to.
+        """
+        context = x if context is None else context
+        B, N, D = x.shape
+        L = context.shape[1]
+        h = self.num_heads
+        q = self.to_q(x).view(B, N, h, D // h).transpose(1, 2)  # (B, h, N, D/h)
+        k = self.to_k(context).view(B, L, h, D // h).transpose(1, 2)  # (B, h, L, D/h)
+        v = self.to_v(context).view(B, L, h, D // h).transpose(1, 2)  # (B, h, L, D/h)
+        attn_mask = None
+        if context_mask is not None:
+            attn_mask = context_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, D/h)
+        out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        return self.to_out(out)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter of ``module`` and return it."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input checks shared by UNetModel, DiTModel and RINModel
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_denoiser_inputs(
+    model: nn.Module,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    class_labels: torch.Tensor | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    Validate the shared ``forward`` arguments against ``model.config`` and return ``(timesteps, class_labels)``:
+    timesteps as a float tensor of shape (B,) on the sample's device, labels as a long tensor (B,) or None.
+
+    The model must have ``config.in_channels``, ``config.num_classes`` (None: unconditional),
+    ``config.cross_attention_dim`` (None: no text) and a ``downsample_factor`` attribute.
+    """
+    cfg = model.config
+    if not isinstance(sample, torch.Tensor):
+        raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+    if sample.ndim != 4:
+        raise ValueError(f"sample must have shape (B, C, H, W), got rank {sample.ndim} shape {tuple(sample.shape)}")
+    B, C, H, W = sample.shape
+    if C != cfg.in_channels:
+        raise ValueError(f"sample has {C} channels, but the model's config.in_channels is {cfg.in_channels}")
+    f = model.downsample_factor
+    if H % f or W % f:
+        raise ValueError(f"sample height and width must be divisible by {f} for this model, got {H}x{W}")
+
+    # timestep: Python number, 0-d tensor, or one per sample
+    if not torch.is_tensor(timestep):
+        if not isinstance(timestep, (int, float)):
+            raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
+        timestep = torch.tensor([timestep], dtype=torch.float32)
+    timestep = timestep.to(sample.device).float().reshape(-1)
+    if timestep.numel() == 1:
+        timestep = timestep.expand(B)
+    if timestep.numel() != B:
+        raise ValueError(f"timestep must be a scalar or have one value per sample ({B}), got {timestep.numel()}")
+    if not torch.isfinite(timestep).all() or (timestep < 0).any():
+        raise ValueError(f"timestep must be finite and >= 0, got {timestep.tolist()}")
+
+    num_classes = cfg.num_classes
+    if class_labels is not None:
+        if not num_classes:
+            raise ValueError("class_labels were given but the model is unconditional (config.num_classes is None)")
+        class_labels = torch.as_tensor(class_labels, device=sample.device).reshape(-1)
+        if class_labels.is_floating_point():
+            raise TypeError(f"class_labels must be integers, got dtype {class_labels.dtype}")
+        if class_labels.numel() == 1:
+            class_labels = class_labels.expand(B)
+        if class_labels.numel() != B:
+            raise ValueError(f"class_labels must have one label per sample ({B}), got {class_labels.numel()}")
+        if (class_labels < 0).any() or (class_labels > num_classes).any():
+            raise ValueError(
+                f"class_labels must be in [0, {num_classes}] ({num_classes} is the null label), "
+                f"got {class_labels.tolist()}"
+            )
+        class_labels = class_labels.long()
+
+    if encoder_hidden_states is not None:
+        if cfg.cross_attention_dim is None:
+            raise ValueError(
+                "encoder_hidden_states were given but the model has no text conditioning "
+                "(config.cross_attention_dim is None)"
+            )
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
+            raise ValueError(
+                f"encoder_hidden_states must have shape (B, L, {cfg.cross_attention_dim}), "
+                f"got {tuple(encoder_hidden_states.shape)}"
+            )
+        if encoder_hidden_states.shape[0] != B:
+            raise ValueError(
+                f"encoder_hidden_states batch ({encoder_hidden_states.shape[0]}) must match sample batch ({B})"
+            )
+        if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) != tuple(
+            encoder_hidden_states.shape[:2]
+        ):
+            raise ValueError(
+                f"encoder_attention_mask must have shape {tuple(encoder_hidden_states.shape[:2])}, "
+                f"got {tuple(encoder_attention_mask.shape)}"
+            )
+    elif encoder_attention_mask is not None:
+        raise ValueError("encoder_attention_mask was given without encoder_hidden_states")
+    return timestep, class_labels
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of tokens (B, L, D) over the positions where mask (B, L) is set: (B, D)."""
+    if mask is None:
+        return tokens.mean(dim=1)
+    w = mask.to(tokens.dtype)[..., None]  # (B, L, 1)
+    return (tokens * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
