@@ -11,7 +11,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny models: one thread is fastest and avoids oversubscription
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_PATH = ROOT.parent / "shared" / "data" / "mnist10k.npz"

@@ -1,0 +1,353 @@
+"""DiT: a Diffusion Transformer (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023).
+
+The image (or VAE latent) is cut into p x p patches, each patch becomes a token, and a stack of ``DiTBlock``s
+processes the tokens. The conditioning vector c = time embedding + label embedding (+ pooled text embedding)
+steers every block through adaLN-Zero: a zero-initialised linear layer maps c to a shift, a scale and a gate for
+each branch, so that every block starts as the identity and a fresh model outputs exactly zero.
+
+Reading order: helpers (position embedding, modulation), attention and MLP, ``DiTBlock``, ``FinalLayer``,
+``DiTModel``, presets ``DIT_PRESETS``.
+
+Attention: ``SelfAttention`` below uses one fused qkv ``Linear`` (one matmul instead of three, as in the paper's
+code) on ``F.scaled_dot_product_attention``; the optional cross-attention to text tokens uses the shared
+``hfgen.layers.Attention`` since its keys and values come from a different input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+from .layers import Attention, DenoiserOutput, TimestepEmbedder, check_denoiser_inputs, masked_mean
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """
+    Fixed 2-D sin-cos position embedding of a grid_h x grid_w token grid, row-major: (grid_h * grid_w, dim).
+    The first half of the channels encodes the row, the second half the column, each as [sin | cos].
+    """
+    if dim % 4:
+        raise ValueError(f"hidden_size must be divisible by 4 for the 2-D sin-cos position embedding, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+    rows = torch.arange(grid_h, dtype=torch.float64)[:, None] * omega[None]  # (h, D/4)
+    cols = torch.arange(grid_w, dtype=torch.float64)[:, None] * omega[None]  # (w, D/4)
+    emb_rows = torch.cat([rows.sin(), rows.cos()], dim=1)[:, None, :].expand(grid_h, grid_w, dim // 2)  # (h, w, D/2)
+    emb_cols = torch.cat([cols.sin(), cols.cos()], dim=1)[None, :, :].expand(grid_h, grid_w, dim // 2)  # (h, w, D/2)
+    return torch.cat([emb_rows, emb_cols], dim=-1).reshape(grid_h * grid_w, dim).float()  # (h * w, D)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation of tokens x (B, N, D) by per-sample shift and scale (B, D): x * (1 + scale) + shift."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention and MLP
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention of tokens (B, N, D) with one fused qkv projection, on SDPA."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).view(B, N, 3, h, D // h).permute(2, 0, 3, 1, 4)  # (3, B, h, N, D/h)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, h, N, D/h)
+        out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        return self.proj(out)
+
+
+class Mlp(nn.Module):
+    """Token-wise MLP: Linear -> GELU(tanh) -> Linear, (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DiTBlock(nn.Module):
+    """
+    One DiT transformer block with adaLN-Zero conditioning and optional cross-attention to text tokens.
+
+    :param hidden_size: token width D.
+    :param num_heads: attention heads.
+    :param mlp_ratio: MLP hidden width = mlp_ratio * D.
+    :param context_dim: width of the text tokens for cross-attention; None: no cross-attention.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(hidden_size, num_heads)
+        self.cross_attn = None
+        if context_dim is not None:
+            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.cross_attn = Attention(hidden_size, num_heads, context_dim=context_dim)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        # c -> (shift, scale, gate) for the attention branch and for the MLP branch
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        :param x: tokens (B, N, D).
+        :param c: conditioning vector (B, D).
+        :param context: text tokens (B, L, context_dim) or None (the cross-attention is skipped).
+        :param context_mask: (B, L), 1 where a text token may be attended to.
+        """
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        # each (B, D)
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, N, D)
+        if self.cross_attn is not None and context is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context, context_mask)  # (B, N, D)
+        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift and scale from c) then a linear map of each token to its p * p * out_channels patch values."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, D) each
+        x = modulate(self.norm_final(x), shift, scale)  # (B, N, D)
+        return self.linear(x)  # (B, N, p * p * C_out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DiTModel(ModelMixin, ConfigMixin):
+    """
+    Diffusion Transformer denoiser with the hfgen denoiser signature.
+
+    Conditioning: c = TimestepEmbedder(t) + label embedding (when ``num_classes`` is set; label ``num_classes`` is
+    the null label, also used when ``class_labels`` is None) + Linear(masked mean of the text tokens) (when
+    ``cross_attention_dim`` is set and ``encoder_hidden_states`` are given). With ``use_cross_attention`` every block
+    also cross-attends to the text tokens.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,  # height = width of the image or latent, in pixels
+        in_channels: int = 3,  # channels of the image or latent
+        out_channels: int | None = None,  # None: in_channels (x 2 with learn_sigma)
+        patch_size: int = 2,  # p: each p x p patch becomes one token
+        hidden_size: int = 384,  # token width D
+        depth: int = 12,  # number of DiTBlocks
+        num_heads: int = 6,  # attention heads
+        mlp_ratio: float = 4.0,  # MLP hidden width = mlp_ratio * D
+        num_classes: int | None = None,  # None: no class conditioning; else a table of num_classes + 1 rows
+        cross_attention_dim: int | None = None,  # width of the text tokens; None: no text conditioning
+        use_cross_attention: bool | None = None,  # cross-attention to the text tokens; None: on iff text is on
+        learn_sigma: bool = False,  # also output the variance interpolation v (out_channels = 2 * in_channels)
+    ):
+        super().__init__()
+        expected_out = in_channels * (2 if learn_sigma else 1)
+        if out_channels is None:
+            out_channels = expected_out
+            self.register_to_config(out_channels=out_channels)
+        elif out_channels != expected_out:
+            raise ValueError(
+                f"out_channels must be {expected_out} (in_channels={in_channels}, learn_sigma={learn_sigma}), "
+                f"got {out_channels}"
+            )
+        if use_cross_attention is None:
+            use_cross_attention = cross_attention_dim is not None
+            self.register_to_config(use_cross_attention=use_cross_attention)
+        elif use_cross_attention and cross_attention_dim is None:
+            raise ValueError("use_cross_attention=True needs cross_attention_dim to be set, got None")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be None or >= 1, got {num_classes}")
+        if sample_size % patch_size:
+            raise ValueError(f"sample_size ({sample_size}) must be divisible by patch_size ({patch_size})")
+
+        self.patch_size = patch_size
+        self.out_channels = out_channels
+        self.gradient_checkpointing = False
+
+        # embedders
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        grid = sample_size // patch_size
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid, grid)[None], persistent=False)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes is not None else None
+        self.text_pool_proj = nn.Linear(cross_attention_dim, hidden_size) if cross_attention_dim is not None else None
+
+        # transformer
+        context_dim = cross_attention_dim if use_cross_attention else None
+        self.blocks = nn.ModuleList(
+            [DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim=context_dim) for _ in range(depth)]
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        # 1. every Linear: Xavier-uniform weights, zero biases (as in the paper's code)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        # 2. patch embedding: initialise like a Linear on the flattened patch
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        # 3. label table and timestep MLP: small normal weights
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # 4. the "Zero" of adaLN-Zero: each block's shift, scale and gate start at 0, so with gate = 0 every block is
+        #    the identity; the cross-attention output projection starts at 0 for the same reason
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.cross_attn is not None:
+                nn.init.zeros_(block.cross_attn.to_out.weight)
+                nn.init.zeros_(block.cross_attn.to_out.bias)
+        # 5. final layer: zero modulation and zero output projection, so a fresh model outputs exactly 0
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    @property
+    def downsample_factor(self) -> int:
+        """H and W of the input must be divisible by this (the patch size)."""
+        return self.config.patch_size
+
+    def unpatchify(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        """Tokens (B, h * w, p * p * C) -> image (B, C, h * p, w * p)."""
+        p, C = self.patch_size, self.out_channels
+        B = x.shape[0]
+        x = x.view(B, grid_h, grid_w, p, p, C)  # (B, h, w, p, p, C)
+        x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+        return x.reshape(B, C, grid_h * p, grid_w * p)  # (B, C, H, W)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DenoiserOutput | tuple[torch.Tensor]:
+        """
+        :param sample: noisy image or latent (B, in_channels, H, W); H and W divisible by patch_size.
+        :param timestep: diffusion step, a number or a tensor of shape () or (B,).
+        :param class_labels: (B,) integers in [0, num_classes]; None (or num_classes) is the null label.
+        :param encoder_hidden_states: text tokens (B, L, cross_attention_dim); None: no text conditioning.
+        :param encoder_attention_mask: (B, L), 1 for real tokens, 0 for padding.
+        :return: ``DenoiserOutput(sample=(B, out_channels, H, W))`` or the tuple ``(sample,)``.
+        """
+        timesteps, class_labels = check_denoiser_inputs(
+            self, sample, timestep, class_labels, encoder_hidden_states, encoder_attention_mask
+        )
+        B, _, H, W = sample.shape
+        p = self.patch_size
+        grid_h, grid_w = H // p, W // p
+
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = encoder_hidden_states.to(self.dtype)  # text encoders may run in another dtype
+
+        # 1. conditioning vector c
+        c = self.t_embedder(timesteps)  # (B, D)
+        if self.y_embedder is not None:
+            if class_labels is None:
+                class_labels = torch.full((B,), self.config.num_classes, dtype=torch.long, device=sample.device)
+            c = c + self.y_embedder(class_labels)  # (B, D)
+        if encoder_hidden_states is not None:
+            pooled = masked_mean(encoder_hidden_states, encoder_attention_mask)  # (B, C_text)
+            c = c + self.text_pool_proj(pooled.to(c.dtype))  # (B, D)
+
+        # 2. patchify and add the fixed position embedding
+        x = self.x_embedder(sample.to(self.x_embedder.weight.dtype))  # (B, D, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), N = (H/p) * (W/p)
+        if self.pos_embed.shape[1] == grid_h * grid_w and grid_h == grid_w:
+            pos = self.pos_embed  # (1, N, D)
+        else:
+            pos = sincos_pos_embed_2d(x.shape[-1], grid_h, grid_w).to(x.device)[None]  # (1, N, D)
+        x = x + pos.to(x.dtype)  # (B, N, D)
+
+        # 3. transformer blocks
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = self._gradient_checkpointing_func(block, x, c, encoder_hidden_states, encoder_attention_mask)
+            else:
+                x = block(x, c, encoder_hidden_states, encoder_attention_mask)  # (B, N, D)
+
+        # 4. final layer and unpatchify
+        x = self.final_layer(x, c)  # (B, N, p * p * C_out)
+        out = self.unpatchify(x, grid_h, grid_w)  # (B, C_out, H, W)
+
+        if not return_dict:
+            return (out,)
+        return DenoiserOutput(sample=out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Presets: DiTModel(**DIT_PRESETS["DiT-S/2"], sample_size=32, in_channels=4)
+# ----------------------------------------------------------------------------------------------------------------------
+
+_DIT_SIZES = {  # name: (depth, hidden_size, num_heads), the paper's Table 1
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+
+DIT_PRESETS: dict[str, dict] = {
+    f"DiT-{name}/{p}": {"depth": d, "hidden_size": w, "num_heads": h, "patch_size": p}
+    for name, (d, w, h) in _DIT_SIZES.items()
+    for p in (2, 4, 8)
+}
+DIT_PRESETS.update(
+    {
+        "DiT-tiny/2": {"depth": 2, "hidden_size": 32, "num_heads": 2, "patch_size": 2},  # tests
+        "DiT-mini/2": {"depth": 6, "hidden_size": 192, "num_heads": 3, "patch_size": 2},  # CPU training
+        "DiT-mini/4": {"depth": 6, "hidden_size": 192, "num_heads": 3, "patch_size": 4},  # CPU training, faster
+    }
+)
