@@ -297,7 +297,7 @@ class UNetModel(ModelMixin, ConfigMixin):
         """
         :param sample: noisy input [B x in_channels x H x W]; H and W divisible by ``downsample_factor``.
         :param timestep: a number, a 0-d tensor or one value per sample (B,), in the scheduler's units (0..T-1).
-        :param class_labels: (B,) ints in [0, num_classes]; ``num_classes`` is the null label. Needs ``num_classes``.
+        :param class_labels: (B,) ints in [0, num_classes]; ``num_classes`` (or None) is the null label.
         :param encoder_hidden_states: text tokens (B, L, cross_attention_dim). Needs ``cross_attention_dim``;
             when omitted, cross-attention is skipped.
         :param encoder_attention_mask: (B, L), 1 = keep the token, 0 = ignore it.
@@ -310,7 +310,9 @@ class UNetModel(ModelMixin, ConfigMixin):
 
         # 1. embed time (and class): (B,) -> (B, E), activated once for every ResBlock
         emb = self.time_embed(timesteps)  # (B, E)
-        if self.class_embed is not None and class_labels is not None:
+        if self.class_embed is not None:
+            if class_labels is None:  # no label: the null label, as in classifier-free guidance training
+                class_labels = torch.full_like(timesteps, self.config.num_classes, dtype=torch.long)
             emb = emb + self.class_embed(class_labels)  # (B, E)
         emb = F.silu(emb)
 
