@@ -1,0 +1,166 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hfgen.data import (
+    COLOR_RGB,
+    COLORS,
+    SHAPE_PAIRS,
+    SHAPES,
+    image_transform,
+    load_image_dataset,
+    load_mnist_npz,
+    make_shapes_dataset,
+    shapes_label,
+)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shapes
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_shapes_columns_and_reproducible():
+    a = make_shapes_dataset(num_images=64, seed=3)
+    b = make_shapes_dataset(num_images=64, seed=3)
+    c = make_shapes_dataset(num_images=64, seed=4)
+    assert a.column_names == ["image", "text", "label"]
+    assert a.features["label"].num_classes == len(SHAPE_PAIRS) == len(COLORS) * len(SHAPES)
+    arrays = lambda d: np.stack([np.asarray(im) for im in d["image"]])
+    assert np.array_equal(arrays(a), arrays(b)) and a["label"] == b["label"]
+    assert not np.array_equal(arrays(a), arrays(c))
+    assert a[0]["image"].mode == "RGB" and a[0]["image"].size == (32, 32)
+
+
+def test_shapes_one_pure_colour_on_black_matching_caption():
+    data = make_shapes_dataset(num_images=200, image_size=32, seed=0)
+    for row in data:
+        pixels = np.asarray(row["image"]).reshape(-1, 3)
+        colours = {tuple(p) for p in pixels.tolist()} - {(0, 0, 0)}
+        color, shape = SHAPE_PAIRS[row["label"]]
+        assert colours == {COLOR_RGB[color]}, row["text"]
+        assert row["text"] == f"a {color} {shape}"
+        # large enough to see, fully inside (at least one black pixel on the border ring is not required)
+        area = (pixels != 0).any(axis=1).sum()
+        assert area >= 40, (row["text"], area)
+    # every pair shows up in 200 draws
+    assert set(data["label"]) == set(range(len(SHAPE_PAIRS)))
+
+
+def test_shapes_kinds_differ_in_fill_ratio():
+    data = make_shapes_dataset(num_images=300, image_size=32, seed=1)
+    ratio = {s: [] for s in SHAPES}
+    for row in data:
+        mask = (np.asarray(row["image"]) != 0).any(axis=-1)
+        ys, xs = np.nonzero(mask)
+        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        ratio[SHAPE_PAIRS[row["label"]][1]].append(mask.sum() / box)
+    assert np.mean(ratio["square"]) > 0.99
+    assert 0.7 < np.mean(ratio["circle"]) < 0.9
+    assert 0.4 < np.mean(ratio["triangle"]) < 0.65
+
+
+def test_shapes_exclude_pairs_and_size():
+    data = make_shapes_dataset(
+        num_images=300, image_size=16, seed=0, exclude_pairs=[("red", "triangle"), ("blue", "circle")]
+    )
+    assert shapes_label("red", "triangle") not in data["label"]
+    assert shapes_label("blue", "circle") not in data["label"]
+    assert "a red triangle" not in data["text"]
+    assert data[0]["image"].size == (16, 16)
+    with pytest.raises(ValueError, match="color must be one of"):
+        make_shapes_dataset(num_images=4, exclude_pairs=[("purple", "circle")])
+
+
+def test_shapes_speed():
+    import time
+
+    start = time.perf_counter()
+    make_shapes_dataset(num_images=4096)
+    assert time.perf_counter() - start < 5.0  # ~0.5 s on one idle core
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Image folders
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _write_folder(root, n=3, size=(20, 12), metadata=True):
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        Image.new("RGB", size, (40 * i, 0, 0)).save(root / f"img{i}.png")
+        rows.append({"file_name": f"img{i}.png", "caption": f"picture {i}", "cls": i % 2})
+    if metadata:
+        (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+def test_imagefolder_with_metadata(tmp_path):
+    root = _write_folder(tmp_path / "data")
+    data = load_image_dataset(train_data_dir=root, caption_column="caption", label_column="cls")
+    assert sorted(data.column_names) == ["image", "label", "text"]
+    assert len(data) == 3
+    assert sorted(data["text"]) == ["picture 0", "picture 1", "picture 2"]
+    x = image_transform(8, 3, center_crop=True)(data[0]["image"])
+    assert x.shape == (3, 8, 8) and x.min() >= -1 and x.max() <= 1
+
+
+def test_missing_column_lists_existing(tmp_path):
+    root = _write_folder(tmp_path / "data")
+    with pytest.raises(ValueError, match=r"caption_column 'text' .*\['image', 'caption', 'cls'\]"):
+        load_image_dataset(train_data_dir=root, caption_column="text")
+    with pytest.raises(ValueError, match="image_column 'img'"):
+        load_image_dataset(train_data_dir=root, image_column="img")
+
+
+def test_empty_folder_and_unreadable_image(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="contains no images"):
+        load_image_dataset(train_data_dir=tmp_path / "empty")
+    root = _write_folder(tmp_path / "bad", metadata=False)
+    (root / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match="broken.png"):
+        load_image_dataset(train_data_dir=root)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_image_dataset(train_data_dir=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="exactly one"):
+        load_image_dataset()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MNIST and the transform
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_mnist_splits(mnist_path):
+    train = load_mnist_npz(mnist_path, "train")
+    test = load_mnist_npz(mnist_path, "test")
+    assert len(train) == 8000 and len(test) == 2000
+    raw = np.load(mnist_path)
+    assert np.array_equal(np.asarray(test[0]["image"]), raw["images"][8000])
+    assert test[0]["label"] == raw["labels"][8000]
+    assert train[5]["text"] == f"a handwritten digit {raw['labels'][5]}"
+    assert train[0]["image"].mode == "L"
+    padded = image_transform(32, 1, pad=True)(train[0]["image"])
+    assert padded.shape == (1, 32, 32)
+    assert (padded[:, :2] == -1).all() and (padded[:, :, -2:] == -1).all()  # 2 px black border
+    assert torch.allclose(padded[0, 2:30, 2:30], torch.from_numpy(raw["images"][0]).float() / 127.5 - 1)
+    with pytest.raises(ValueError, match="split"):
+        load_mnist_npz(mnist_path, "val")
+
+
+def test_transform_channels_resize_flip():
+    x = image_transform(4, 3, center_crop=True)(Image.new("RGB", (16, 8)))
+    assert x.shape == (3, 4, 4) and (x == -1).all()
+    gray = image_transform(8, 1, center_crop=True)(Image.new("RGB", (8, 8), (255, 255, 255)))
+    assert gray.shape == (1, 8, 8) and torch.allclose(gray, torch.ones_like(gray))
+    ramp = Image.frombytes("RGB", (8, 8), bytes(range(192)))
+    torch.manual_seed(0)
+    flip = image_transform(8, 3, random_flip=True)
+    corners = {flip(ramp)[0, 0, 0].item() for _ in range(20)}
+    assert len(corners) == 2  # both orientations appear
+    with pytest.raises(ValueError, match="channels must be 1 or 3"):
+        image_transform(8, 2)

@@ -1,0 +1,804 @@
+"""Train a diffusion denoiser (U-Net, DiT or RIN) with Accelerate and save an hfgen pipeline folder.
+
+    accelerate launch training/train_diffusion.py --model unet --output_dir out          # shapes, unconditional
+    accelerate launch training/train_diffusion.py --model dit --conditioning class --output_dir out
+    python -m hfgen.training.train_diffusion --model rin --mnist_npz ../shared/data/mnist10k.npz --output_dir out
+
+Data: the built-in shapes set by default, or ``--dataset_name`` (Hub), ``--train_data_dir`` (imagefolder) or
+``--mnist_npz`` (first 8000 digits). Conditioning: none, class labels (label dropout to the null label for CFG) or
+text from a frozen CLIP text encoder (caption dropout to ""). With ``--vae`` the denoiser learns VAE latents,
+encoded once before training.
+
+Reproducibility: every random draw of a step (timesteps, noise, dropout masks, flips, self-conditioning) comes from a
+generator seeded by (seed, step, micro-batch) and drawn for the global batch, each process taking its slice, and the
+data order is a seeded permutation per epoch. So a run resumed from a checkpoint, or split over several processes,
+follows the same trajectory as one uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+import hfgen
+from hfgen.clip import tokenize
+from hfgen.data import image_transform, load_image_dataset, load_mnist_npz, make_shapes_dataset
+from hfgen.schedulers import DDIMScheduler, DDPMScheduler
+
+logger = get_logger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers: models
+# ----------------------------------------------------------------------------------------------------------------------
+
+MODELS = ("unet", "dit", "rin")
+DEFAULT_PRESETS = {"unet": "unet-small", "dit": "DiT-mini/4", "rin": "RIN-small"}  # train on a CPU in minutes
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def model_family(name: str) -> tuple[type, dict[str, dict]]:
+    """The denoiser class and its presets for ``--model``."""
+    if name == "unet":
+        return hfgen.UNetModel, hfgen.UNET_PRESETS
+    if name == "dit":
+        return hfgen.DiTModel, hfgen.DIT_PRESETS
+    return hfgen.RINModel, hfgen.RIN_PRESETS
+
+
+def load_model_config(model: str, model_config: str | None) -> dict:
+    """Constructor kwargs from a preset name or a JSON file (a ``config.json`` saved by ``save_pretrained`` works)."""
+    cls, presets = model_family(model)
+    name = model_config or DEFAULT_PRESETS[model]
+    if name in presets:
+        return dict(presets[name])
+    if name.endswith(".json") or os.path.isfile(name):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"--model_config file not found: {name}")
+        with open(name, encoding="utf-8") as f:
+            config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(config) - accepted)
+        if unknown:
+            raise ValueError(f"--model_config {name} has keys {unknown} that {cls.__name__} does not take")
+        return config
+    raise ValueError(f"--model_config {name!r} is neither a JSON file nor a {model} preset; presets: {sorted(presets)}")
+
+
+def build_model(args, in_channels: int, sample_size: int, num_classes: int | None, text_dim: int | None):
+    cls, _ = model_family(args.model)
+    config = load_model_config(args.model, args.model_config)
+    if config.get("learn_sigma"):
+        raise ValueError(
+            "--model_config sets learn_sigma=true; this script trains the simple MSE loss only, "
+            "which leaves a learned variance untrained: set learn_sigma to false"
+        )
+    config.update(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        num_classes=num_classes,
+        cross_attention_dim=text_dim,
+    )
+    try:
+        model = cls(**config)
+    except ValueError as error:
+        raise ValueError(
+            f"--model {args.model} --model_config {args.model_config or DEFAULT_PRESETS[args.model]} "
+            f"cannot be built at --resolution {args.resolution} (sample size {sample_size}): {error}"
+        )
+    f = model.downsample_factor
+    if sample_size % f:
+        raise ValueError(
+            f"--resolution {args.resolution} gives sample size {sample_size}, which must be divisible by "
+            f"the model's downsample factor {f}"
+        )
+    return model
+
+
+def load_text_encoder(path: str):
+    """A frozen ``CLIPTextModel`` and its ``CLIPTokenizer`` from ``path`` (subfolders text_encoder/tokenizer, or flat)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--text_encoder {path!r} is not a folder")
+    nested = os.path.isdir(os.path.join(path, "text_encoder"))
+    encoder = CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder") if nested else path)
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer") if nested else path)
+    encoder.requires_grad_(False).eval()
+    return encoder, tokenizer
+
+
+def encode_prompts(text_encoder, tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> (text tokens (B, L, D), attention mask (B, L)), padded to max length exactly as
+    ``HFGenTextToImagePipeline`` does, so "" here is the pipeline's unconditional input."""
+    max_length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
+    batch = tokenize(tokenizer, prompts, max_length)
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    with torch.no_grad():
+        return text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask  # (B, L, D), (B, L)
+
+
+def load_vae(path: str):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--vae {path!r} is not a folder")
+    subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
+    vae = hfgen.VAEModel.from_pretrained(path, subfolder=subfolder)
+    return vae.requires_grad_(False).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers: data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_training_data(args):
+    """The training set as a ``datasets.Dataset`` with ``image`` and, as the conditioning needs, ``label``/``text``."""
+    caption = args.caption_column if args.conditioning == "text" else None
+    label = args.label_column if args.conditioning == "class" else None
+    if args.dataset_name or args.train_data_dir:
+        return load_image_dataset(
+            dataset_name=args.dataset_name,
+            train_data_dir=args.train_data_dir,
+            dataset_config_name=args.dataset_config_name,
+            image_column=args.image_column,
+            caption_column=caption,
+            label_column=label,
+            cache_dir=args.cache_dir,
+        )
+    if args.mnist_npz:
+        return load_mnist_npz(args.mnist_npz, "train")
+    exclude = [tuple(pair.partition(" ")[::2]) for pair in args.shapes_exclude] if args.shapes_exclude else None
+    return make_shapes_dataset(
+        num_images=args.shapes_num_images, image_size=args.resolution, seed=args.seed, exclude_pairs=exclude
+    )
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation of range(n) seeded by (seed, epoch): the data order of an epoch is known without any history."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class TrainExamples(torch.utils.data.Dataset):
+    """Index -> {"x": image (C, H, W) in [-1, 1] or cached latent moments, "label": int, "text": str}; labels and
+    captions are read once, so with cached latents no image is decoded during training."""
+
+    def __init__(self, dataset, transform, latents: torch.Tensor | None = None):
+        self.dataset, self.transform, self.latents = dataset, transform, latents
+        self.labels = list(dataset["label"]) if "label" in dataset.column_names else None
+        self.texts = list(dataset["text"]) if "text" in dataset.column_names else None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"x": self.transform(self.dataset[i]["image"]) if self.latents is None else self.latents[i]}
+        if self.labels is not None:
+            item["label"] = int(self.labels[i])
+        if self.texts is not None:
+            item["text"] = self.texts[i] or ""
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    batch = {"x": torch.stack([it["x"] for it in items])}
+    if "label" in items[0]:
+        batch["label"] = torch.tensor([it["label"] for it in items])
+    if "text" in items[0]:
+        batch["text"] = [it["text"] for it in items]
+    return batch
+
+
+@torch.no_grad()
+def encode_latents(vae, dataset, transform, random_flip: bool, device, batch_size: int = 64) -> torch.Tensor:
+    """Encode every image once: (N, 2, C, h, w) = [mean | std] of the posterior, or (N, 2 orientations, 2, C, h, w)
+    with ``random_flip``; a training step samples mean + std * noise from its step generator."""
+    vae = vae.to(device)
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        images = torch.stack([transform(im) for im in dataset[start : start + batch_size]["image"]]).to(device)
+        views = [images, images.flip(-1)] if random_flip else [images]
+        moments = []
+        for view in views:
+            dist = vae.encode(view).latent_dist
+            moments.append(torch.stack([dist.mean, dist.std], dim=1))  # (b, 2, C, h, w)
+        out.append((torch.stack(moments, dim=1) if random_flip else moments[0]).cpu())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers: objective
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The generator of one micro-batch: a function of (seed, step, micro) only, independent of history."""
+    state = np.random.SeedSequence([seed, step, micro]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str):
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for a loss on eps, v or x0: min(SNR, gamma) / SNR, / (SNR + 1)
+    or 1 times min(SNR, gamma)."""
+    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers: checkpoints, pipelines, images
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoints, oldest first (temp folders of an interrupted write never match)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [
+        (int(m.group(1)), os.path.join(output_dir, d))
+        for d in os.listdir(output_dir)
+        if (m := CHECKPOINT_RE.match(d)) and os.path.isdir(os.path.join(output_dir, d))
+    ]
+    return sorted(found)
+
+
+def resolve_resume(args) -> tuple[str | None, int]:
+    """The checkpoint to resume from and its step; ``latest`` with no checkpoint means a fresh start."""
+    if args.resume_from_checkpoint is None:
+        return None, 0
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(args.output_dir)
+        return (found[-1][1], found[-1][0]) if found else (None, 0)
+    path = args.resume_from_checkpoint
+    m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    if not os.path.isdir(path) or not m:
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {path!r} is not a checkpoint-<step> folder "
+            f"(or 'latest'); found {[p for _, p in list_checkpoints(args.output_dir)]}"
+        )
+    return path, int(m.group(1))
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def save_checkpoint(accelerator, args, step: int, model, ema) -> None:
+    """``accelerator.save_state`` into a temp folder, then an atomic rename to ``checkpoint-<step>`` and pruning."""
+    params = list(accelerator.unwrap_model(model).parameters()) + (list(ema.shadow_params) if ema else [])
+    if not all_finite(params):
+        raise RuntimeError(f"refusing to write checkpoint-{step}: the weights hold NaN or inf")
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if args.checkpoints_total_limit is not None:
+            for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+                doomed = os.path.join(args.output_dir, ".deleting-" + os.path.basename(old))
+                os.replace(old, doomed)  # never leave a half-deleted checkpoint-<step>
+                shutil.rmtree(doomed)
+    accelerator.wait_for_everyone()
+
+
+def build_pipeline(args, denoiser, sample_scheduler, vae, text_encoder, tokenizer):
+    if args.conditioning == "text":
+        from hfgen.pipelines import HFGenTextToImagePipeline
+
+        return HFGenTextToImagePipeline(
+            denoiser=denoiser, scheduler=sample_scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae
+        )
+    from hfgen.pipelines import HFGenPipeline
+
+    return HFGenPipeline(denoiser=denoiser, scheduler=sample_scheduler, vae=vae)
+
+
+def sample_images(args, pipeline, num_classes: int | None, device) -> list:
+    """``--num_validation_images`` PIL samples: cycling labels (class), the validation prompts (text) or unconditional."""
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    n = args.num_validation_images
+    kwargs = {"num_inference_steps": args.num_inference_steps, "generator": generator, "output_type": "pil"}
+    if args.conditioning == "class":
+        labels = torch.arange(n) % num_classes
+        return pipeline(batch_size=n, class_labels=labels, guidance_scale=args.guidance_scale, **kwargs).images
+    if args.conditioning == "text":
+        prompts = [args.validation_prompts[i % len(args.validation_prompts)] for i in range(n)]
+        return pipeline(prompt=prompts, guidance_scale=args.guidance_scale, **kwargs).images
+    return pipeline(batch_size=n, **kwargs).images
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # model
+    p.add_argument("--model", choices=MODELS, default="unet", help="denoiser family")
+    p.add_argument("--model_config", default=None, help=f"preset name or JSON file; default {DEFAULT_PRESETS}")
+    p.add_argument("--conditioning", choices=("none", "class", "text"), default="none")
+    p.add_argument("--num_classes", type=int, default=None, help="class count (default: from the label column)")
+    p.add_argument(
+        "--cond_dropout", type=float, default=0.1, help="label / caption dropout for classifier-free guidance"
+    )
+    p.add_argument("--text_encoder", default=None, help="folder with a CLIPTextModel and CLIPTokenizer (frozen)")
+    p.add_argument("--vae", default=None, help="folder of an hfgen VAEModel: train on its latents")
+    p.add_argument("--self_cond_prob", type=float, default=0.9, help="RIN: probability of latent self-conditioning")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    # noise schedule and objective
+    p.add_argument("--num_train_timesteps", type=int, default=1000)
+    p.add_argument("--beta_schedule", choices=BETA_SCHEDULES, default="linear")
+    p.add_argument("--beta_start", type=float, default=1e-4)
+    p.add_argument("--beta_end", type=float, default=0.02)
+    p.add_argument("--prediction_type", choices=PREDICTION_TYPES, default="epsilon")
+    p.add_argument(
+        "--snr_gamma", type=float, default=None, help="min-SNR loss weighting gamma (e.g. 5.0); off if unset"
+    )
+    # data
+    p.add_argument("--dataset_name", default=None, help="Hub data set (default: the built-in shapes)")
+    p.add_argument("--dataset_config_name", default=None)
+    p.add_argument("--train_data_dir", default=None, help="local imagefolder (optional metadata.jsonl)")
+    p.add_argument("--mnist_npz", default=None, help="MNIST npz (first 8000 digits are used)")
+    p.add_argument("--cache_dir", default=None)
+    p.add_argument("--image_column", default="image")
+    p.add_argument("--caption_column", default="text")
+    p.add_argument("--label_column", default="label")
+    p.add_argument("--shapes_num_images", type=int, default=4096)
+    p.add_argument("--shapes_exclude", nargs="*", default=None, help='shapes pairs left out, e.g. "red triangle"')
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="default: 1 for MNIST, else 3")
+    p.add_argument("--center_crop", action="store_true")
+    p.add_argument("--random_flip", action="store_true")
+    p.add_argument("--pad_images", action="store_true", help="pad smaller images to --resolution instead of resizing")
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    # optimisation
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train_batch_size", type=int, default=64, help="per process")
+    p.add_argument("--num_epochs", type=int, default=10)
+    p.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_epochs")
+    p.add_argument("--learning_rate", type=float, default=2e-4)
+    p.add_argument("--lr_scheduler", default="cosine", help="a diffusers.optimization schedule name")
+    p.add_argument("--lr_warmup_steps", type=int, default=100)
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_weight_decay", type=float, default=0.0)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument("--use_ema", action="store_true")
+    p.add_argument("--ema_max_decay", type=float, default=0.9999)
+    p.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    p.add_argument("--ema_power", type=float, default=0.75)
+    p.add_argument("--max_nonfinite_steps", type=int, default=10, help="stop after this many non-finite losses")
+    # checkpoints, logging, sampling, hub
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
+    p.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
+    p.add_argument("--report_to", choices=("tensorboard", "none"), default="tensorboard")
+    p.add_argument("--validation_steps", type=int, default=None, help="log a sample grid every N steps")
+    p.add_argument("--validation_prompts", nargs="*", default=None, help="text conditioning: prompts to sample")
+    p.add_argument("--num_validation_images", type=int, default=16)
+    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for samples")
+    p.add_argument("--guidance_scale", type=float, default=2.0, help="CFG scale for conditional samples")
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", default=None)
+    p.add_argument("--hub_token", default=None)
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject bad combinations before any work, naming the argument."""
+    sources = [n for n in ("dataset_name", "train_data_dir", "mnist_npz") if getattr(args, n)]
+    if len(sources) > 1:
+        raise ValueError(f"give at most one data source, got {['--' + s for s in sources]}")
+    positive = (
+        "resolution",
+        "train_batch_size",
+        "num_epochs",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "num_train_timesteps",
+        "num_inference_steps",
+        "num_validation_images",
+        "shapes_num_images",
+    )
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit", "num_classes"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("cond_dropout", "self_cond_prob"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ValueError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    if not 0.0 < args.ema_max_decay < 1.0:
+        raise ValueError(f"--ema_max_decay must be in (0, 1), got {args.ema_max_decay}")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise ValueError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    if args.guidance_scale < 1:
+        raise ValueError(f"--guidance_scale must be >= 1, got {args.guidance_scale}")
+    if args.conditioning == "text" and not args.text_encoder:
+        raise ValueError("--conditioning text needs --text_encoder (a folder with a CLIPTextModel and CLIPTokenizer)")
+    if args.text_encoder and args.conditioning != "text":
+        raise ValueError(
+            f"--text_encoder is only used with --conditioning text, got --conditioning {args.conditioning}"
+        )
+    if args.validation_prompts and args.conditioning != "text":
+        raise ValueError("--validation_prompts need --conditioning text")
+    if args.conditioning == "text" and not args.validation_prompts:
+        args.validation_prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+    if args.num_classes is not None and args.conditioning != "class":
+        raise ValueError(
+            f"--num_classes is only used with --conditioning class, got --conditioning {args.conditioning}"
+        )
+    if args.shapes_exclude and sources:
+        raise ValueError("--shapes_exclude only applies to the built-in shapes data")
+    for pair in args.shapes_exclude or ():
+        color, _, shape = pair.partition(" ")
+        try:
+            hfgen.data.shapes_label(color, shape)
+        except ValueError as error:
+            raise ValueError(f'--shapes_exclude {pair!r} is not a "color shape" pair: {error}') from None
+    if args.resume_from_checkpoint not in (None, "latest"):
+        resolve_resume(args)
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id")
+    model_family(args.model)
+    load_model_config(args.model, args.model_config)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> None:
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+    )
+    set_seed(args.seed)  # model initialisation; the training draws use step_generator
+    device = accelerator.device
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        for stale in Path(args.output_dir).glob(".tmp-checkpoint-*"):  # left by a kill during a write
+            shutil.rmtree(stale)
+    resume_path, resume_step = resolve_resume(args)
+
+    # 1. data and the frozen encoders
+    dataset = load_training_data(args)
+    if len(dataset) == 0:
+        raise ValueError("the training data set is empty")
+    channels = args.channels or (1 if args.mnist_npz else 3)
+    vae = load_vae(args.vae) if args.vae else None
+    if vae is not None:
+        if args.channels is not None and args.channels != vae.config.in_channels:
+            raise ValueError(
+                f"--channels {args.channels} does not match the VAE's in_channels {vae.config.in_channels}"
+            )
+        channels = vae.config.in_channels
+    transform = image_transform(args.resolution, channels, center_crop=args.center_crop, pad=args.pad_images)
+    num_classes = None
+    if args.conditioning == "class":
+        if "label" not in dataset.column_names:
+            raise ValueError(f"--conditioning class needs a label column; the data set has {dataset.column_names}")
+        feature = dataset.features["label"]
+        largest = max(dataset["label"])
+        num_classes = args.num_classes or getattr(feature, "num_classes", None) or largest + 1
+        if largest >= num_classes:
+            raise ValueError(f"--num_classes {num_classes} is too small for the largest label {largest}")
+    text_encoder = tokenizer = None
+    if args.conditioning == "text":
+        if "text" not in dataset.column_names:
+            raise ValueError(f"--conditioning text needs a caption column; the data set has {dataset.column_names}")
+        text_encoder, tokenizer = load_text_encoder(args.text_encoder)
+        text_encoder.to(device)
+
+    latents = None
+    if vae is not None:
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        if args.resolution % f:
+            raise ValueError(f"--resolution {args.resolution} must be divisible by the VAE's downsample factor {f}")
+        latents = encode_latents(vae, dataset, transform, args.random_flip, device)
+        in_channels, sample_size = vae.config.latent_channels, args.resolution // f
+    else:
+        in_channels, sample_size = channels, args.resolution
+    examples = TrainExamples(dataset, transform, latents)
+
+    global_batch = args.train_batch_size * accelerator.num_processes
+    if len(examples) < global_batch:
+        raise ValueError(
+            f"the data set has {len(examples)} examples, fewer than one global batch "
+            f"(--train_batch_size {args.train_batch_size} x {accelerator.num_processes} processes)"
+        )
+    sampler = EpochSampler(len(examples), args.seed)
+    train_dataloader = torch.utils.data.DataLoader(
+        examples,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+    )
+
+    # 2. model, noise schedule, optimiser, EMA
+    text_dim = text_encoder.config.hidden_size if text_encoder is not None else None
+    model = build_model(args, in_channels, sample_size, num_classes, text_dim)
+    self_conditioning = getattr(model, "self_conditioning", False)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=args.num_train_timesteps,
+        beta_schedule=args.beta_schedule,
+        beta_start=args.beta_start,
+        beta_end=args.beta_end,
+        prediction_type=args.prediction_type,
+    )
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    batches_per_epoch = len(examples) // global_batch  # per process, after sharding (drop_last)
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(
+            model.parameters(),
+            decay=args.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power,
+            model_cls=type(model),
+            model_config=model.config,
+        )
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler
+    )
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if vae is not None:
+        vae.to(device, dtype=weight_dtype)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+
+    global_step = 0
+    if resume_path is not None:
+        accelerator.load_state(resume_path)
+        global_step = resume_step
+        logger.info(f"resumed from {resume_path} at step {global_step}")
+    first_epoch = global_step // updates_per_epoch
+    skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers(
+            "train_diffusion", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        )
+
+    def micro_batch_loss(batch: dict, g: torch.Generator) -> torch.Tensor:
+        """One micro-batch: draw for the global batch from ``g``, keep this process's slice, return the loss."""
+        B = batch["x"].shape[0]
+        rows = slice(accelerator.process_index * B, (accelerator.process_index + 1) * B)
+        shape = (global_batch, in_channels, sample_size, sample_size)
+        timesteps = torch.randint(0, args.num_train_timesteps, (global_batch,), generator=g)[rows].to(device)
+        noise = torch.randn(shape, generator=g)[rows].to(device)
+        flip = (torch.rand(global_batch, generator=g) < 0.5)[rows].to(device) if args.random_flip else None
+        drop = (torch.rand(global_batch, generator=g) < args.cond_dropout)[rows].to(device)
+        self_cond = (torch.rand(global_batch, generator=g) < args.self_cond_prob)[rows].to(device)
+
+        # 1. clean sample x0: an image, or a latent drawn from its cached posterior (B, C, h, w)
+        if latents is None:
+            x0 = batch["x"]
+            if flip is not None:
+                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        else:
+            moments = batch["x"]  # (B, [2 orientations,] 2, C, h, w)
+            if flip is not None:
+                moments = torch.where(flip[:, None, None, None, None], moments[:, 1], moments[:, 0])
+            eps_latent = torch.randn(shape, generator=g)[rows].to(device)
+            x0 = (moments[:, 0] + moments[:, 1] * eps_latent) * vae.config.scaling_factor
+
+        # 2. conditioning with dropout for classifier-free guidance
+        cond = {}
+        if args.conditioning == "class":
+            cond["class_labels"] = torch.where(drop, torch.full_like(batch["label"], num_classes), batch["label"])
+        elif args.conditioning == "text":
+            captions = ["" if d else t for d, t in zip(drop.tolist(), batch["text"])]
+            tokens, mask = encode_prompts(text_encoder, tokenizer, captions, device)
+            cond["encoder_hidden_states"], cond["encoder_attention_mask"] = tokens.to(weight_dtype), mask
+
+        # 3. forward diffusion and the target of the objective
+        noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+        if args.prediction_type == "epsilon":
+            target = noise
+        elif args.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(x0, noise, timesteps)
+        else:
+            target = x0
+
+        # 4. RIN latent self-conditioning: a no-grad first pass, its latents fed to the real pass for some examples
+        if self_conditioning:
+            prev = None
+            if self_cond.any():
+                with torch.no_grad():
+                    first = model(noisy, timesteps, prev_latents=None, **cond).latents.detach()
+                prev = torch.where(self_cond[:, None, None], first, torch.zeros_like(first))
+            cond["prev_latents"] = prev
+
+        # 5. loss, optionally min-SNR weighted
+        pred = model(noisy, timesteps, **cond).sample
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if args.snr_gamma is not None:
+            loss = loss * snr_weights(alphas_cumprod, timesteps, args.snr_gamma, args.prediction_type)
+        return loss.mean()
+
+    def validate(step: int) -> list:
+        denoiser = accelerator.unwrap_model(model)
+        if ema is not None:
+            ema.store(denoiser.parameters())
+            ema.copy_to(denoiser.parameters())
+        denoiser.eval()
+        sample_scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+        pipeline = build_pipeline(args, denoiser, sample_scheduler, vae, text_encoder, tokenizer)
+        images = sample_images(args, pipeline, num_classes, device)
+        denoiser.train()
+        if ema is not None:
+            ema.restore(denoiser.parameters())
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                arrays = np.stack([np.asarray(im.convert("RGB")) for im in images])
+                tracker.writer.add_images("validation", arrays, step, dataformats="NHWC")
+        return images
+
+    # 3. training loop
+    progress = tqdm(
+        range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+    nonfinite_steps = 0
+    model.train()
+    for epoch in range(first_epoch, num_epochs):
+        train_dataloader.set_epoch(epoch)
+        loader = train_dataloader
+        if epoch == first_epoch and skip_batches:
+            loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        micro, bad_update = 0, False
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = micro_batch_loss(batch, step_generator(args.seed, global_step, micro))
+                micro += 1
+                finite = bool(torch.isfinite(accelerator.gather(loss.detach()[None])).all())
+                bad_update |= not finite
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = None
+                    if args.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    bad_update |= grad_norm is not None and not bool(torch.isfinite(grad_norm))
+                    if not bad_update or accelerator.scaler is not None:  # fp16: the grad scaler skips the step
+                        optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+
+            # 4. one optimiser update done (or skipped)
+            global_step += 1
+            micro = 0
+            progress.update(1)
+            if bad_update:
+                nonfinite_steps += 1
+                logger.warning(
+                    f"step {global_step}: non-finite loss or gradient, update skipped "
+                    f"({nonfinite_steps}/{args.max_nonfinite_steps})"
+                )
+                if nonfinite_steps >= args.max_nonfinite_steps:
+                    raise RuntimeError(
+                        f"stopping at step {global_step}: {nonfinite_steps} updates had a non-finite "
+                        f"loss or gradient (--max_nonfinite_steps {args.max_nonfinite_steps}); "
+                        f"lower --learning_rate or try --mixed_precision no"
+                    )
+            elif ema is not None:
+                ema.step(accelerator.unwrap_model(model).parameters())
+            bad_update = False
+            logs = {"loss": accelerator.gather(loss.detach()[None]).mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, global_step, model, ema)
+            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                validate(global_step)
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+
+    # 5. the pipeline folder (EMA weights when on) and a sample grid
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        denoiser = accelerator.unwrap_model(model)
+        if ema is not None:
+            ema.copy_to(denoiser.parameters())
+        if not all_finite(denoiser.parameters()):
+            raise RuntimeError("the final weights hold NaN or inf; not saving the pipeline")
+        denoiser.eval()
+        sample_scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+        pipeline = build_pipeline(args, denoiser, sample_scheduler, vae, text_encoder, tokenizer)
+        pipeline.save_pretrained(args.output_dir)
+        from hfgen.pipelines.hub import image_grid
+
+        images = sample_images(args, pipeline, num_classes, device)
+        image_grid(images).save(os.path.join(args.output_dir, "samples.png"))
+        if args.push_to_hub:
+            info = {
+                k: v
+                for k, v in vars(args).items()
+                if k not in ("hub_token", "output_dir", "logging_dir") and v is not None
+            }
+            info["train_steps"] = global_step
+            pipeline.push_to_hub(args.hub_model_id, training_info=info, images=images, token=args.hub_token)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
