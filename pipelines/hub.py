@@ -1,0 +1,326 @@
+"""Hub plumbing shared by hfgen's pipelines: load a folder or repo id, save a folder that plain diffusers can load,
+push it with a model card.
+
+``HFGenHubMixin`` goes first in a pipeline's bases (``class HFGenPipeline(HFGenHubMixin, DiffusionPipeline)``):
+
+- ``from_pretrained(folder or "user/repo")``: a repo id is fetched with ``huggingface_hub.snapshot_download`` (which
+  honours ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE`` and ``cache_dir``), then every component is built from the class that
+  ``model_index.json`` names, imported from the *installed* ``hfgen``, ``diffusers`` or ``transformers``. No file of
+  the repository is ever imported, so this needs no ``trust_remote_code``.
+- ``save_pretrained``: diffusers' folder (``model_index.json`` with entries like ``["hfgen.unet", "UNetModel"]``,
+  safetensors weights) plus two kinds of one-line files so that generic
+  ``DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)`` works too:
+  ``pipeline.py`` (``from hfgen.pipelines.pipeline_hfgen import HFGenPipeline``, named by
+  ``"_class_name": ["pipeline", "HFGenPipeline"]``) and ``<component>/<module>.py`` for each hfgen component, which
+  diffusers requires before it accepts a component library that is not its own. Both files only import the
+  installed ``hfgen``; diffusers runs them only with ``trust_remote_code=True``.
+- ``push_to_hub(repo_id, training_info=..., images=...)``: save, render a sample grid, write README.md (front matter
+  ``library_name: hfgen``, tags, training settings, usage snippet) and upload the folder in one commit.
+
+``push_model_to_hub(model, repo_id, ...)`` does the same for a single model (UNetModel, DiTModel, ...).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from diffusers import ModelMixin
+from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
+from huggingface_hub import HfApi, ModelCardData, snapshot_download
+
+PIPELINE_MODULE = "pipeline"  # model_index.json "_class_name": ["pipeline", "<Class>"] -> pipeline.py
+SAMPLE_GRID_FILE = "samples.png"
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_pretrained_folder(
+    pretrained_model_name_or_path: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+) -> str:
+    """A local folder as is; a Hub repo id ``"user/name"`` as its snapshot folder in the Hub cache (downloaded when
+    online, read from the cache when ``HF_HUB_OFFLINE=1`` or ``local_files_only``)."""
+    name = str(pretrained_model_name_or_path)
+    if os.path.isdir(name):
+        return name
+    if name.count("/") != 1 or name.startswith(("/", ".")) or name.endswith("/"):
+        raise ValueError(
+            f"pretrained_model_name_or_path must be an existing folder or a Hub repo id 'user/name', got {name!r}"
+        )
+    return snapshot_download(
+        name,
+        cache_dir=cache_dir,
+        revision=revision,
+        token=token,
+        local_files_only=local_files_only,
+        force_download=force_download,
+    )
+
+
+def component_class(library: str, class_name: str) -> type:
+    """The class a ``model_index.json`` entry ``[library, class_name]`` names, imported only from the installed
+    ``hfgen`` or from a library diffusers itself loads components from (never from the repository)."""
+    if not (library == "hfgen" or library.startswith("hfgen.") or library in LOADABLE_CLASSES):
+        raise ValueError(
+            f"model_index.json names the component library {library!r}; hfgen loads components only from hfgen.* "
+            f"and {sorted(LOADABLE_CLASSES)}"
+        )
+    cls = getattr(importlib.import_module(library), class_name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"model_index.json names {library}.{class_name}, but {library} has no class {class_name!r}")
+    return cls
+
+
+def load_component(
+    cls: type,
+    path: str,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    use_safetensors: bool | None = None,
+) -> Any:
+    """``cls.from_pretrained(path)`` with the dtype keyword each library expects (schedulers/tokenizers get none)."""
+    if issubclass(cls, ModelMixin):
+        return cls.from_pretrained(path, torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors)
+    if issubclass(cls, torch.nn.Module):  # transformers PreTrainedModel
+        kwargs = {"variant": variant, "use_safetensors": use_safetensors}
+        if torch_dtype is not None:
+            kwargs["dtype"] = torch_dtype
+        return cls.from_pretrained(path, **kwargs)
+    return cls.from_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model card
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def image_grid(images: list[PIL.Image.Image], cols: int | None = None) -> PIL.Image.Image:
+    """Paste equally sized images into a near-square RGB grid, row by row."""
+    if not images:
+        raise ValueError("image_grid needs at least one image, got an empty list")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = PIL.Image.new("RGB", (cols * w, rows * h))
+    for i, img in enumerate(images):
+        grid.paste(img.convert("RGB"), (i % cols * w, i // cols * h))
+    return grid
+
+
+def model_card_text(
+    repo_id: str,
+    tags: list[str],
+    usage: str,
+    training_info: dict[str, Any] | None = None,
+    pipeline_tag: str | None = None,
+    description: str = "",
+    grid_file: str | None = SAMPLE_GRID_FILE,
+) -> str:
+    """README.md: YAML front matter (``library_name: hfgen``, tags), samples, usage snippet, training settings."""
+    tags = list(dict.fromkeys(["hfgen", "diffusers", *tags]))
+    meta = ModelCardData(library_name="hfgen", tags=tags, pipeline_tag=pipeline_tag)
+    lines = ["---", meta.to_yaml(), "---", "", f"# {repo_id}", ""]
+    if description:
+        lines += [description, ""]
+    if grid_file:
+        lines += [f"![samples]({grid_file})", ""]
+    lines += ["## Usage", "", "```python", usage.strip(), "```", ""]
+    lines += [
+        "Plain diffusers loads it too (with `pip install hfgen`; the repository's `pipeline.py` only imports hfgen):",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        "",
+        f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)',
+        "```",
+        "",
+    ]
+    if training_info:
+        lines += ["## Training", "", "| setting | value |", "| --- | --- |"]
+        lines += [f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |" for k, v in training_info.items()]
+        lines += [""]
+    return "\n".join(lines)
+
+
+def _upload(folder: str, repo_id: str, token, private, commit_message: str, create_pr: bool):
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, create_pr=create_pr)
+
+
+def push_model_to_hub(
+    model: ModelMixin,
+    repo_id: str,
+    training_info: dict[str, Any] | None = None,
+    images: list[PIL.Image.Image] | None = None,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    create_pr: bool = False,
+):
+    """Upload one hfgen model (safetensors + config) with a model card and, when ``images`` are given, a sample grid."""
+    cls = type(model)
+    usage = f'from {cls.__module__} import {cls.__name__}\n\nmodel = {cls.__name__}.from_pretrained("{repo_id}")'
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if images:
+            image_grid(images).save(os.path.join(tmp, SAMPLE_GRID_FILE))
+        card = model_card_text(
+            repo_id, [cls.__name__.lower()], usage, training_info, grid_file=SAMPLE_GRID_FILE if images else None
+        )
+        Path(tmp, "README.md").write_text(card, encoding="utf-8")
+        return _upload(tmp, repo_id, token, private, commit_message or f"Upload {cls.__name__}", create_pr)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Mixin
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class HFGenHubMixin:
+    """Hub loading, saving and pushing for hfgen pipelines. Put it before ``DiffusionPipeline`` in the bases.
+
+    A pipeline can override ``_card_tags``, ``_card_usage`` and ``_card_samples`` to describe itself on its card.
+    """
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        variant: str | None = None,
+        use_safetensors: bool | None = None,
+        **components: Any,
+    ):
+        """
+        Load a pipeline saved by ``save_pretrained`` from a folder or a Hub repo id, e.g.
+        ``HFGenPipeline.from_pretrained("user/repo", torch_dtype=torch.float16)``.
+
+        :param components: ready objects that replace saved components (``scheduler=DDIMScheduler(...)``, ``vae=None``).
+        """
+        folder = resolve_pretrained_folder(
+            pretrained_model_name_or_path, cache_dir, revision, token, local_files_only, force_download
+        )
+        config = cls.load_config(folder)
+        expected, _ = cls._get_signature_keys(cls)
+        unknown = sorted(set(components) - set(expected))
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained got unknown arguments {unknown}; components are {expected}"
+            )
+
+        init_kwargs = {}
+        for name in expected:
+            if name in components:
+                init_kwargs[name] = components[name]
+                continue
+            entry = config.get(name)
+            if not entry or entry[0] is None:
+                if name in cls._optional_components:
+                    init_kwargs[name] = None
+                    continue
+                raise ValueError(f"{folder}/model_index.json has no entry for the required component {name!r}")
+            component_cls = component_class(*entry)
+            init_kwargs[name] = load_component(
+                component_cls, os.path.join(folder, name), torch_dtype, variant, use_safetensors
+            )
+        pipe = cls(**init_kwargs)
+        pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipe
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+    ) -> None:
+        """diffusers' folder plus ``pipeline.py`` and ``<component>/<module>.py`` (one import each) for plain
+        ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)``; see the module docstring."""
+        super().save_pretrained(
+            save_directory, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size
+        )
+        cls = type(self)
+        index_path = Path(save_directory, "model_index.json")
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index["_class_name"] = [PIPELINE_MODULE, cls.__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        header = (
+            '"""Lets plain diffusers load this hfgen {what} (needs `pip install hfgen`). Generated by hfgen."""\n\n'
+        )
+        Path(save_directory, f"{PIPELINE_MODULE}.py").write_text(
+            header.format(what="pipeline") + f"from {cls.__module__} import {cls.__name__}  # noqa: F401\n",
+            encoding="utf-8",
+        )
+        for name, entry in index.items():
+            if isinstance(entry, list) and entry and isinstance(entry[0], str) and entry[0].startswith("hfgen."):
+                Path(save_directory, name, f"{entry[0]}.py").write_text(
+                    header.format(what="component") + f"from {entry[0]} import {entry[1]}  # noqa: F401\n",
+                    encoding="utf-8",
+                )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        training_info: dict[str, Any] | None = None,
+        images: list[PIL.Image.Image] | None = None,
+        num_sample_images: int = 4,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+    ):
+        """
+        Save the pipeline, a sample grid (``images``, or ``num_sample_images`` fresh samples with seed 0) and a model
+        card into one folder and upload it as one commit.
+
+        :param training_info: settings shown on the card, e.g. ``{"dataset": "shapes", "max_train_steps": 2000}``.
+        """
+        if images is None:
+            images = self._card_samples(num_sample_images)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            image_grid(images).save(os.path.join(tmp, SAMPLE_GRID_FILE))
+            tags, pipeline_tag = self._card_tags()
+            card = model_card_text(
+                repo_id, tags, self._card_usage(repo_id), training_info, pipeline_tag, self._card_description()
+            )
+            Path(tmp, "README.md").write_text(card, encoding="utf-8")
+            return _upload(tmp, repo_id, token, private, commit_message or f"Upload {type(self).__name__}", create_pr)
+
+    # --- what a pipeline says about itself on its card (override per pipeline) -------------------------------------
+
+    def _card_tags(self) -> tuple[list[str], str | None]:
+        """(tags, pipeline_tag)."""
+        return [], None
+
+    def _card_description(self) -> str:
+        components = ", ".join(f"{k}: {type(v).__name__}" for k, v in self.components.items() if v is not None)
+        return f"An hfgen `{type(self).__name__}` ({components})."
+
+    def _card_usage(self, repo_id: str) -> str:
+        name = type(self).__name__
+        return f'from hfgen import {name}\n\npipe = {name}.from_pretrained("{repo_id}")\nimages = pipe().images'
+
+    def _card_samples(self, num_images: int) -> list[PIL.Image.Image]:
+        generator = torch.Generator().manual_seed(0)
+        return self(batch_size=num_images, generator=generator, output_type="pil").images

@@ -1,0 +1,428 @@
+"""``HFGenPipeline``: sample images from any hfgen denoiser (UNetModel, DiTModel, RINModel) with any hfgen or
+diffusers scheduler, optionally in the latent space of a VAE, with classifier-free guidance for class labels; and the
+reverse, DDIM inversion of images to the noise that regenerates them.
+
+Paper symbols: x_t = ``latents`` (B, C, H, W), x_0 hat = ``pred_original_sample``, s = ``guidance_scale``,
+alpha_bar_t = ``scheduler.alphas_cumprod[t]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from hfgen.schedulers import DDIMScheduler as HFGenDDIMScheduler
+
+from .hub import HFGenHubMixin
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
+    """
+    :param denoiser: an hfgen denoiser; reads ``config.in_channels``, ``sample_size``, ``num_classes``.
+        Its output has ``in_channels`` channels, or ``2 * in_channels`` (DiT ``learn_sigma``: prediction, variance).
+    :param scheduler: an hfgen or diffusers scheduler (``set_timesteps``, ``step``, ``scale_model_input``).
+    :param vae: optional autoencoder; then the denoiser works on latents z = vae latents * ``scaling_factor``.
+    """
+
+    model_cpu_offload_seq = "denoiser->vae"
+    _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents", "pred_original_sample"]
+
+    def __init__(self, denoiser, scheduler, vae=None):
+        super().__init__()
+        if vae is not None and vae.config.latent_channels != denoiser.config.in_channels:
+            raise ValueError(
+                f"vae.config.latent_channels ({vae.config.latent_channels}) must equal the denoiser's "
+                f"config.in_channels ({denoiser.config.in_channels})"
+            )
+        self.register_modules(denoiser=denoiser, scheduler=scheduler, vae=vae)
+
+    # --- properties (as in diffusers) ----------------------------------------------------------------------------
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of x_t, from the denoiser's config."""
+        cfg = self.denoiser.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the output images: the denoiser's sample_size, times the VAE's downsampling 2**(levels - 1)."""
+        size = self.denoiser.config.sample_size
+        if self.vae is not None:
+            size *= 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return size
+
+    # --- helpers shared by __call__ and invert --------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        batch_size: int,
+        num_inference_steps: int,
+        generator,
+        latents: torch.Tensor | None,
+        class_labels,
+        guidance_scale: float | None,
+        output_type: str,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> tuple[torch.Tensor | None, float]:
+        """Raise on bad arguments; return (labels (B,) long or None, guidance scale with its default filled in)."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators, but batch_size is {batch_size}: "
+                "pass one generator per image or a single generator"
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs has unknown names {unknown}; accepted: {self._callback_tensor_inputs}"
+            )
+        expected = (batch_size, *self.latent_shape)
+        if latents is not None and tuple(latents.shape) != expected:
+            raise ValueError(f"latents must have shape {expected} (batch_size, C, H, W), got {tuple(latents.shape)}")
+
+        labels = self._check_class_labels(class_labels, batch_size)
+        if guidance_scale is None:
+            guidance_scale = 4.0 if labels is not None else 1.0
+        if guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
+        if guidance_scale > 1.0 and labels is None:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs class_labels and a class-conditional denoiser "
+                f"(config.num_classes={self.denoiser.config.num_classes}); use guidance_scale=1 without labels"
+            )
+        return labels, float(guidance_scale)
+
+    def _check_class_labels(self, class_labels, batch_size: int) -> torch.Tensor | None:
+        """int, list or tensor -> (B,) long in [0, num_classes), or None."""
+        if class_labels is None:
+            return None
+        num_classes = self.denoiser.config.num_classes
+        if num_classes is None:
+            raise ValueError(
+                f"class_labels were given ({class_labels!r}) but the denoiser is unconditional (config.num_classes is None)"
+            )
+        labels = torch.as_tensor(class_labels).reshape(-1)
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise TypeError(f"class_labels must be integers, got dtype {labels.dtype}")
+        if labels.numel() == 1:
+            labels = labels.expand(batch_size)
+        if labels.numel() != batch_size:
+            raise ValueError(
+                f"class_labels must be one int or {batch_size} labels (batch_size), got {labels.numel()} labels"
+            )
+        if (labels < 0).any() or (labels >= num_classes).any():
+            raise ValueError(
+                f"class_labels must be in [0, {num_classes - 1}] (num_classes={num_classes}), got {labels}"
+            )
+        return labels.long()
+
+    def _model_output(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        labels: torch.Tensor | None,
+        guidance_scale: float,
+        prev_latents: torch.Tensor | None,
+        keep_variance: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        One denoiser evaluation at x_t with classifier-free guidance: (model output for ``scheduler.step``, RIN latents).
+
+        :param latents: x_t (B, C, H, W).
+        :param labels: (B,) class labels or None (a class-conditional denoiser then gets the null label).
+        :param prev_latents: RIN's latents of the previous step ((2B, N, D) under guidance), or None.
+        :param keep_variance: pass the variance half of a learned-sigma output on (scheduler variance_type learned).
+        """
+        B, C = latents.shape[:2]
+        cfg = self.denoiser.config
+        do_cfg = guidance_scale > 1.0
+
+        # 1. labels: [cond; null] under guidance, the null label for unconditional sampling of a conditional model
+        if labels is None and cfg.num_classes is not None:
+            labels = torch.full((B,), cfg.num_classes, dtype=torch.long)
+        if do_cfg:
+            labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])  # (2B,)
+        model_input = torch.cat([latents] * 2) if do_cfg else latents  # (2B or B, C, H, W)
+        model_input = self.scheduler.scale_model_input(model_input, t)
+
+        # 2. one forward pass (RIN carries its latents from step to step)
+        kwargs = {"prev_latents": prev_latents} if getattr(self.denoiser, "self_conditioning", False) else {}
+        out = self.denoiser(
+            model_input.to(self.denoiser.dtype),
+            t,
+            class_labels=None if labels is None else labels.to(model_input.device),
+            **kwargs,
+        )
+        new_prev_latents = out.latents if kwargs else None
+        model_output = out.sample.to(latents.dtype)  # (2B or B, C or 2C, H, W)
+        if model_output.shape[1] not in (C, 2 * C):
+            raise ValueError(
+                f"the denoiser returned {model_output.shape[1]} channels; expected {C} or {2 * C} (learned sigma)"
+            )
+
+        # 3. guidance on the prediction over all its channels: eps = eps_u + s (eps_c - eps_u);
+        #    a learned variance half stays conditional
+        pred, var = model_output[:, :C], model_output[:, C:]
+        if do_cfg:
+            pred_cond, pred_uncond = pred.chunk(2)
+            pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)  # (B, C, H, W)
+            var = var.chunk(2)[0]
+        if var.shape[1] and keep_variance:
+            return torch.cat([pred, var], dim=1), new_prev_latents  # (B, 2C, H, W)
+        return pred, new_prev_latents
+
+    def _pred_original_sample(self, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """x_0 hat from the model output at x_t for schedulers whose step does not return it (DDPM eq. 4 inverted)."""
+        alphas_cumprod = getattr(self.scheduler, "alphas_cumprod", None)
+        if alphas_cumprod is None:
+            raise ValueError(
+                f"{type(self.scheduler).__name__} returns no pred_original_sample and has no alphas_cumprod; "
+                "drop 'pred_original_sample' from callback_on_step_end_tensor_inputs"
+            )
+        C = sample.shape[1]
+        pred = model_output[:, :C]
+        a = alphas_cumprod[int(t)].to(sample.device, torch.float32)
+        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        if prediction_type == "epsilon":
+            x0 = (sample - (1 - a).sqrt() * pred) / a.sqrt()
+        elif prediction_type == "v_prediction":
+            x0 = a.sqrt() * sample - (1 - a).sqrt() * pred
+        else:
+            x0 = pred
+        return x0.to(sample.dtype)
+
+    def _step_kwargs(self, generator, eta: float) -> dict[str, Any]:
+        """eta and generator for schedulers whose ``step`` accepts them (as diffusers does)."""
+        params = inspect.signature(self.scheduler.step).parameters
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def _keep_variance(self) -> bool:
+        return self.scheduler.config.get("variance_type", None) in ("learned", "learned_range")
+
+    # --- sampling -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict | None] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+    ) -> ImagePipelineOutput | tuple:
+        """
+        Sample ``batch_size`` images.
+
+        :param generator: one generator, or one per image (image i then depends on generator i only).
+        :param latents: the starting noise x_T (B, C, H, W), unscaled; drawn from ``generator`` when None.
+        :param class_labels: one int or one per image, for a class-conditional denoiser.
+        :param guidance_scale: classifier-free guidance s >= 1; 1 = one conditional pass. Default: 4.0 when
+            ``class_labels`` are given, else 1.0.
+        :param eta: DDIM noise (passed only to schedulers whose ``step`` takes it).
+        :param output_type: "pil", "np" ((B, H, W, C) in [0, 1]), "pt" ((B, C, H, W) in [0, 1]) or "latent" (x_0 as
+            the denoiser sees it: VAE latents times scaling_factor, or the [-1, 1] image without a VAE).
+        :param callback_on_step_end: ``fn(pipe, i, t, callback_kwargs)`` after each step; ``callback_kwargs`` holds the
+            names of ``callback_on_step_end_tensor_inputs``: "latents" (x_{t'} after the step) and
+            "pred_original_sample" (x_0 hat). A returned dict with "latents" replaces x_{t'}.
+        """
+        # 1. check inputs
+        labels, guidance_scale = self.check_inputs(
+            batch_size,
+            num_inference_steps,
+            generator,
+            latents,
+            class_labels,
+            guidance_scale,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        device = self._execution_device
+
+        # 2. noise x_T: drawn on the generator's device (CPU by default) in float32, one draw per generator
+        if latents is None:
+            gen = generator[0] if isinstance(generator, list) else generator
+            noise_device = gen.device if gen is not None else torch.device("cpu")
+            latents = randn_tensor((batch_size, *self.latent_shape), generator=generator, device=noise_device)
+        latents = latents.to(device=device, dtype=torch.float32)
+
+        # 3. timesteps; schedulers that scale x (Euler) start from sigma_max
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator, eta)
+        keep_variance = self._keep_variance()
+
+        # 4. denoising loop: model, then scheduler.step
+        prev_latents = None
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_output, prev_latents = self._model_output(
+                latents, t, labels, guidance_scale, prev_latents, keep_variance
+            )
+            step = self.scheduler.step(model_output, t, latents, **step_kwargs)
+            if callback_on_step_end is not None:
+                callback_kwargs = {"latents": step.prev_sample}
+                if "pred_original_sample" in callback_on_step_end_tensor_inputs:
+                    pred_x0 = getattr(step, "pred_original_sample", None)
+                    if pred_x0 is None:
+                        pred_x0 = self._pred_original_sample(model_output, t, latents)
+                    callback_kwargs["pred_original_sample"] = pred_x0
+                callback_kwargs = {k: callback_kwargs[k] for k in callback_on_step_end_tensor_inputs}
+                outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                latents = outputs.get("latents", step.prev_sample)
+            else:
+                latents = step.prev_sample
+
+        # 5. decode latents to images in [-1, 1]
+        if output_type == "latent":
+            images = latents
+        else:
+            images = latents
+            if self.vae is not None:
+                scaling = self.vae.config.scaling_factor
+                images = self.vae.decode((latents / scaling).to(self.vae.dtype)).sample.float()  # (B, 3, H', W')
+
+            # 6. post-process to [0, 1] and the requested type
+            images = (images / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    # --- inversion ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def invert(
+        self,
+        images: torch.Tensor | PIL.Image.Image | list[PIL.Image.Image] | np.ndarray,
+        num_inference_steps: int = 50,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """
+        DDIM inversion: the noise x_T (B, C, H, W) that ``self(latents=x_T, num_inference_steps=...)`` with a DDIM
+        scheduler (eta = 0, clip_sample off) maps back to ``images``.
+
+        Uses the pipeline's scheduler when it is hfgen's DDIMScheduler, else an hfgen DDIMScheduler built from its
+        config. Inversion is exact only up to the change of the model output between neighbouring steps: more steps,
+        smaller error.
+
+        :param images: (B, C, H, W) tensor in [-1, 1], PIL image(s), or (B, H, W, C) array in [0, 1].
+        """
+        images = self._images_to_tensor(images)
+        batch_size = images.shape[0]
+        labels, guidance_scale = self.check_inputs(
+            batch_size, num_inference_steps, None, None, class_labels, guidance_scale, "pt", []
+        )
+        device = self._execution_device
+
+        # 1. images -> x_0 as the denoiser sees it
+        x = images.to(device)
+        if self.vae is not None:
+            x = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode().float() * self.vae.config.scaling_factor
+        if tuple(x.shape[1:]) != self.latent_shape:
+            raise ValueError(
+                f"images must encode to {self.latent_shape} (C, H, W) for this denoiser, got {tuple(x.shape[1:])}; "
+                f"images are {self.image_size}x{self.image_size}"
+            )
+
+        # 2. the DDIM schedule, walked from data to noise with invert_step
+        scheduler = self.scheduler
+        if not isinstance(scheduler, HFGenDDIMScheduler):
+            scheduler = HFGenDDIMScheduler.from_config(scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        keep_variance = False  # invert_step takes the prediction only
+        prev_latents = None
+        for t in self.progress_bar(scheduler.inversion_timesteps):
+            model_output, prev_latents = self._model_output(x, t, labels, guidance_scale, prev_latents, keep_variance)
+            x = scheduler.invert_step(model_output, t, x).next_sample
+        self.maybe_free_model_hooks()
+        return x
+
+    def _images_to_tensor(self, images) -> torch.Tensor:
+        """PIL / list of PIL / (B, H, W, C) array in [0, 1] / (B, C, H, W) tensor in [-1, 1] -> float (B, C, H, W)."""
+        if isinstance(images, PIL.Image.Image):
+            images = [images]
+        if isinstance(images, list):
+            images = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+            if images.ndim == 3:  # grayscale
+                images = images[..., None]
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise TypeError(
+                "images must be a (B, C, H, W) tensor in [-1, 1], PIL image(s) or a (B, H, W, C) array in [0, 1], "
+                f"got {type(images).__name__}"
+            )
+        return images.float()
+
+    # --- model card -------------------------------------------------------------------------------------------------
+
+    def _card_tags(self) -> tuple[list[str], str | None]:
+        tags = [type(self.denoiser).__name__.lower()]
+        if self.vae is not None:
+            tags.append("latent-diffusion")
+        if self.denoiser.config.num_classes is not None:
+            return ["class-conditional-image-generation", *tags], None
+        return ["unconditional-image-generation", *tags], "unconditional-image-generation"
+
+    def _card_usage(self, repo_id: str) -> str:
+        call = "pipe(batch_size=4, num_inference_steps=50"
+        if self.denoiser.config.num_classes is not None:
+            call += ", class_labels=[0, 1, 2, 3], guidance_scale=4.0"
+        return (
+            "from hfgen import HFGenPipeline\n\n"
+            f'pipe = HFGenPipeline.from_pretrained("{repo_id}")\n'
+            f"images = {call}).images"
+        )
+
+    def _card_samples(self, num_images: int) -> list[PIL.Image.Image]:
+        generator = torch.Generator().manual_seed(0)
+        num_classes = self.denoiser.config.num_classes
+        labels = None if num_classes is None else [i % num_classes for i in range(num_images)]
+        return self(batch_size=num_images, generator=generator, class_labels=labels, output_type="pil").images
