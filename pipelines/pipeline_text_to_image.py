@@ -1,0 +1,468 @@
+"""``HFGenTextToImagePipeline``: text-to-image sampling with any hfgen denoiser that reads text tokens (UNetModel with
+cross-attention, DiTModel with pooled-text adaLN and optional cross-attention, RINModel), a CLIP text encoder from
+transformers (pretrained from the Hub, trained by ``training/train_clip.py``, or random for tests) and its tokenizer,
+with classifier-free guidance against the empty-prompt embedding, optionally in the latent space of a VAE.
+
+Paper symbols: x_t = ``latents`` (B, C, H, W), c = ``prompt_embeds`` (B, L, D) with mask (B, L),
+c_null = the embedding of "" (or of ``negative_prompt``), s = ``guidance_scale``,
+eps_hat = eps(x_t, c_null) + s (eps(x_t, c) - eps(x_t, c_null)) (Ho & Salimans 2022, eq. 6).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from hfgen.clip import tokenize
+
+from .hub import HFGenHubMixin
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
+    """
+    :param denoiser: an hfgen denoiser with ``config.cross_attention_dim`` equal to the text encoder's hidden size;
+        reads ``config.in_channels``, ``sample_size`` and ``downsample_factor``. Its output has ``in_channels``
+        channels, or ``2 * in_channels`` (DiT ``learn_sigma``: prediction, variance).
+    :param scheduler: an hfgen or diffusers scheduler (``set_timesteps``, ``step``, ``scale_model_input``).
+    :param text_encoder: a transformers ``CLIPTextModel`` or ``CLIPTextModelWithProjection``; its
+        ``last_hidden_state`` (B, L, D) is the denoiser's ``encoder_hidden_states``.
+    :param tokenizer: the text encoder's ``CLIPTokenizer``; its attention mask is the ``encoder_attention_mask``.
+    :param vae: optional autoencoder; then the denoiser works on latents z = vae latents * ``scaling_factor``.
+    """
+
+    model_cpu_offload_seq = "text_encoder->denoiser->vae"
+    _optional_components: ClassVar[list[str]] = ["vae"]
+    _callback_tensor_inputs: ClassVar[list[str]] = [
+        "latents",
+        "pred_original_sample",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+    ]
+
+    def __init__(self, denoiser, scheduler, text_encoder, tokenizer, vae=None):
+        super().__init__()
+        text_dim = text_encoder.config.hidden_size
+        if denoiser.config.cross_attention_dim != text_dim:
+            raise ValueError(
+                f"denoiser.config.cross_attention_dim ({denoiser.config.cross_attention_dim}) must equal the text "
+                f"encoder's hidden_size ({text_dim})"
+            )
+        if vae is not None and vae.config.latent_channels != denoiser.config.in_channels:
+            raise ValueError(
+                f"vae.config.latent_channels ({vae.config.latent_channels}) must equal the denoiser's "
+                f"config.in_channels ({denoiser.config.in_channels})"
+            )
+        self.register_modules(
+            denoiser=denoiser, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae
+        )
+
+    # --- properties (as in diffusers) ----------------------------------------------------------------------------
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel: 2**(levels - 1) of the VAE, 1 without one."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def max_text_length(self) -> int:
+        """Tokens per prompt: the tokenizer's model_max_length, at most the text encoder's positions."""
+        return min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+
+    # --- text ---------------------------------------------------------------------------------------------------
+
+    def _encode_text(self, texts: list[str], device, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize (padded to ``max_length``) and encode: (last_hidden_state (B, L, D), attention mask (B, L))."""
+        batch = tokenize(self.tokenizer, texts, max_length)
+        input_ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, L, D)
+        return hidden, mask
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        return_attention_mask: bool = False,
+    ) -> tuple:
+        """
+        Text embeddings for the denoiser, repeated ``num_images_per_prompt`` times:
+        ``(prompt_embeds, negative_prompt_embeds)`` (B * n, L, D) each, the negative one None without guidance;
+        with ``return_attention_mask`` also their masks (B * n, L) (1 = real token; None for given embeddings
+        without a mask: every token counts).
+
+        The unconditional input is the embedding of "" (or of ``negative_prompt``), padded like the prompt, as in
+        training with condition dropout.
+        """
+        # 1. the prompt
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds, prompt_attention_mask = self._encode_text(prompts, device, self.max_text_length)
+        B, L = prompt_embeds.shape[:2]
+        prompt_embeds = prompt_embeds.to(device)
+
+        # 2. the unconditional / negative prompt, padded to the prompt's length
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negatives = [""] * B if negative_prompt is None else negative_prompt
+            negatives = [negatives] * B if isinstance(negatives, str) else list(negatives)
+            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(negatives, device, L)
+        if not do_classifier_free_guidance:
+            negative_prompt_embeds, negative_prompt_attention_mask = None, None
+
+        # 3. one copy per image: (B, L, D) -> (B * n, L, D)
+        def repeat(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+
+        embeds = (repeat(prompt_embeds), repeat(negative_prompt_embeds))
+        if return_attention_mask:
+            return (*embeds, repeat(prompt_attention_mask), repeat(negative_prompt_attention_mask))
+        return embeds
+
+    # --- checks ---------------------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        prompt,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        num_images_per_prompt: int,
+        negative_prompt=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        generator=None,
+        output_type: str = "pil",
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> int:
+        """Raise a short, specific error on a bad argument; return the number of prompts B."""
+        # 1. prompts xor embeddings
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either prompt or prompt_embeds, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("pass prompt (a string or a list of strings) or prompt_embeds (B, L, D); got neither")
+        if prompt is not None:
+            if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))):
+                raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+            if isinstance(prompt, list) and len(prompt) == 0:
+                raise ValueError("prompt must not be an empty list")
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            D = self.text_encoder.config.hidden_size
+            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != D:
+                raise ValueError(f"prompt_embeds must have shape (B, L, {D}), got {tuple(prompt_embeds.shape)}")
+            batch_size = prompt_embeds.shape[0]
+        if prompt_attention_mask is not None and (
+            prompt_embeds is None or tuple(prompt_attention_mask.shape) != tuple(prompt_embeds.shape[:2])
+        ):
+            raise ValueError("prompt_attention_mask needs prompt_embeds and must have their shape (B, L)")
+
+        # 2. the negative prompt matches the prompts
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
+            raise ValueError(
+                f"negative_prompt has {len(negative_prompt)} entries but there are {batch_size} prompts: "
+                "pass one string or one per prompt"
+            )
+        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
+            raise TypeError(
+                f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}"
+            )
+        if negative_prompt_embeds is not None and (
+            prompt_embeds is None or negative_prompt_embeds.shape != prompt_embeds.shape
+        ):
+            raise ValueError(
+                "negative_prompt_embeds need prompt_embeds of the same shape, got "
+                f"{tuple(negative_prompt_embeds.shape)} and "
+                f"{None if prompt_embeds is None else tuple(prompt_embeds.shape)}"
+            )
+        if negative_prompt_attention_mask is not None and (
+            negative_prompt_embeds is None
+            or tuple(negative_prompt_attention_mask.shape) != tuple(negative_prompt_embeds.shape[:2])
+        ):
+            raise ValueError(
+                "negative_prompt_attention_mask needs negative_prompt_embeds and must have their shape (B, L)"
+            )
+
+        # 3. numbers
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
+        if guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
+        f = self.denoiser.downsample_factor * self.vae_scale_factor
+        if height % f or width % f or height < f or width < f:
+            raise ValueError(
+                f"height and width must be positive multiples of {f} (the denoiser's downsample_factor "
+                f"{self.denoiser.downsample_factor} x the VAE's {self.vae_scale_factor}), got {height}x{width}"
+            )
+
+        # 4. noise, generators, outputs, callbacks
+        num_images = batch_size * num_images_per_prompt
+        expected = (
+            num_images,
+            self.denoiser.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        if latents is not None and tuple(latents.shape) != expected:
+            raise ValueError(
+                f"latents must have shape {expected} (B * num_images_per_prompt, C, H, W), got {tuple(latents.shape)}"
+            )
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators, but {num_images} images are asked for "
+                f"({batch_size} prompts x {num_images_per_prompt}): pass one per image or a single generator"
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs has unknown names {unknown}; accepted: {self._callback_tensor_inputs}"
+            )
+        return batch_size
+
+    def _step_kwargs(self, generator, eta: float) -> dict[str, Any]:
+        """eta and generator for schedulers whose ``step`` accepts them (as diffusers does)."""
+        params = inspect.signature(self.scheduler.step).parameters
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    # --- sampling -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict | None] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+    ) -> ImagePipelineOutput | tuple:
+        """
+        Sample ``num_images_per_prompt`` images for each prompt.
+
+        :param prompt: a string or a list of strings; or pass ``prompt_embeds`` (B, L, D) instead (with
+            ``prompt_attention_mask`` (B, L) to mask padding as the pipeline does for strings).
+        :param negative_prompt: one string or one per prompt; replaces "" as the unconditional input of guidance.
+        :param height: image height in pixels; default: the denoiser's sample_size times the VAE factor. Must be a
+            multiple of the denoiser's downsample_factor times the VAE factor (RIN: exactly its sample_size).
+        :param guidance_scale: classifier-free guidance s >= 1; 1 = one conditional pass per step.
+        :param generator: one generator, or one per image (image i then depends on generator i only).
+        :param latents: the starting noise x_T (B * num_images_per_prompt, C, H, W), unscaled.
+        :param eta: DDIM noise (passed only to schedulers whose ``step`` takes it).
+        :param output_type: "pil", "np" ((B, H, W, C) in [0, 1]), "pt" ((B, C, H, W) in [0, 1]) or "latent".
+        :param callback_on_step_end: ``fn(pipe, i, t, callback_kwargs)`` after each step with the tensors named in
+            ``callback_on_step_end_tensor_inputs`` ("latents", "pred_original_sample", "prompt_embeds",
+            "negative_prompt_embeds"); a returned dict with "latents" / "prompt_embeds" /
+            "negative_prompt_embeds" replaces them.
+        """
+        # 1. check inputs
+        default_size = self.denoiser.config.sample_size * self.vae_scale_factor
+        height = default_size if height is None else height
+        width = default_size if width is None else width
+        batch_size = self.check_inputs(
+            prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            num_images_per_prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_attention_mask,
+            latents,
+            generator,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = float(guidance_scale)
+        device = self._execution_device
+        num_images = batch_size * num_images_per_prompt
+
+        # 2. text: c (B*n, L, D) and, under guidance, c_null (B*n, L, D), with their masks (B*n, L)
+        prompt_embeds, negative_prompt_embeds, prompt_mask, negative_mask = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_attention_mask,
+            return_attention_mask=True,
+        )
+        L = prompt_embeds.shape[1]
+        ones = torch.ones(num_images, L, dtype=torch.long, device=device)
+        prompt_mask = ones if prompt_mask is None else prompt_mask
+        encoder_attention_mask = prompt_mask
+        if self.do_classifier_free_guidance:
+            negative_mask = ones if negative_mask is None else negative_mask
+            encoder_attention_mask = torch.cat([prompt_mask, negative_mask])  # (2B, L): [cond; uncond]
+
+        # 3. noise x_T: drawn on the generator's device (CPU by default) in float32, one draw per generator
+        C = self.denoiser.config.in_channels
+        shape = (num_images, C, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            gen = generator[0] if isinstance(generator, list) else generator
+            noise_device = gen.device if gen is not None else torch.device("cpu")
+            latents = randn_tensor(shape, generator=generator, device=noise_device)
+        latents = latents.to(device=device, dtype=torch.float32)
+
+        # 4. timesteps; schedulers that scale x (Euler) start from sigma_max
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator, eta)
+        keep_variance = self.scheduler.config.get("variance_type", None) in ("learned", "learned_range")
+        self_conditioning = getattr(self.denoiser, "self_conditioning", False)
+
+        # 5. denoising loop: model (one pass on [cond; uncond] under guidance), guidance, scheduler.step
+        prev_latents = None
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            do_cfg = self.do_classifier_free_guidance
+            text = torch.cat([prompt_embeds, negative_prompt_embeds]) if do_cfg else prompt_embeds  # (2B or B, L, D)
+            model_input = torch.cat([latents] * 2) if do_cfg else latents  # (2B or B, C, H, W)
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            kwargs = {"prev_latents": prev_latents} if self_conditioning else {}
+            out = self.denoiser(
+                model_input.to(self.denoiser.dtype),
+                t,
+                encoder_hidden_states=text.to(self.denoiser.dtype),
+                encoder_attention_mask=encoder_attention_mask,
+                **kwargs,
+            )
+            prev_latents = out.latents if self_conditioning else None  # RIN: latents carried to the next step
+            model_output = out.sample.to(latents.dtype)  # (2B or B, C or 2C, H, W)
+            if model_output.shape[1] not in (C, 2 * C):
+                raise ValueError(
+                    f"the denoiser returned {model_output.shape[1]} channels; expected {C} or {2 * C} (learned sigma)"
+                )
+
+            # guidance on the prediction: eps = eps_u + s (eps_c - eps_u); a learned variance half stays conditional
+            pred, var = model_output[:, :C], model_output[:, C:]
+            if do_cfg:
+                pred_cond, pred_uncond = pred.chunk(2)
+                pred = pred_uncond + self.guidance_scale * (pred_cond - pred_uncond)  # (B, C, H, W)
+                var = var.chunk(2)[0]
+            model_output = torch.cat([pred, var], dim=1) if var.shape[1] and keep_variance else pred
+
+            step = self.scheduler.step(model_output, t, latents, **step_kwargs)
+            latents = step.prev_sample
+            if callback_on_step_end is not None:
+                pred_x0 = getattr(step, "pred_original_sample", None)
+                if "pred_original_sample" in callback_on_step_end_tensor_inputs and pred_x0 is None:
+                    raise ValueError(
+                        f"{type(self.scheduler).__name__}.step returns no pred_original_sample; "
+                        "drop it from callback_on_step_end_tensor_inputs"
+                    )
+                tensors = {
+                    "latents": latents,
+                    "pred_original_sample": pred_x0,
+                    "prompt_embeds": prompt_embeds,
+                    "negative_prompt_embeds": negative_prompt_embeds,
+                }
+                callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                latents = outputs.get("latents", latents)
+                prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
+                negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
+
+        # 6. decode latents to images in [-1, 1]
+        if output_type == "latent":
+            images = latents
+        else:
+            images = latents
+            if self.vae is not None:
+                scaling = self.vae.config.scaling_factor
+                images = self.vae.decode((latents / scaling).to(self.vae.dtype)).sample.float()  # (B, 3, H', W')
+
+            # 7. post-process to [0, 1] and the requested type
+            images = (images / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    # --- model card -------------------------------------------------------------------------------------------------
+
+    def _card_tags(self) -> tuple[list[str], str | None]:
+        tags = ["text-to-image", type(self.denoiser).__name__.lower(), type(self.text_encoder).__name__.lower()]
+        if self.vae is not None:
+            tags.append("latent-diffusion")
+        return tags, "text-to-image"
+
+    def _card_usage(self, repo_id: str) -> str:
+        return (
+            "from hfgen import HFGenTextToImagePipeline\n\n"
+            f'pipe = HFGenTextToImagePipeline.from_pretrained("{repo_id}")\n'
+            'images = pipe(["a red circle", "a blue square"], num_inference_steps=50, guidance_scale=5.0).images'
+        )
+
+    def _card_samples(self, num_images: int) -> list[PIL.Image.Image]:
+        from hfgen.data import SHAPE_PAIRS
+
+        pairs = [SHAPE_PAIRS[5 * i % len(SHAPE_PAIRS)] for i in range(num_images)]  # varied colours and shapes
+        prompts = [f"a {color} {shape}" for color, shape in pairs]
+        generator = torch.Generator().manual_seed(0)
+        return self(prompts, generator=generator, output_type="pil").images

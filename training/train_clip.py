@@ -1,0 +1,433 @@
+"""Train a CLIP model (transformers ``CLIPModel``) on image-caption pairs with the symmetric contrastive loss.
+
+    accelerate launch training/train_clip.py --output_dir clip-shapes --max_train_steps 2000
+
+From scratch by default: a small ViT (patch 4 on 32x32) and a small text transformer, with a byte-level BPE tokenizer
+learned from the training captions; or fine-tune a pretrained CLIP with ``--pretrained_model_name_or_path``.
+The temperature is learned (logit scale starts at log(1 / 0.07) and is clamped to at most 100, as in CLIP).
+
+Output folder:
+    clip/          the full CLIPModel with its CLIPProcessor (tokenizer + image processor)
+    text_encoder/  CLIPTextModelWithProjection (also loads as CLIPTextModel), for ``train_diffusion.py --text_encoder``
+    tokenizer/     the CLIPTokenizer
+    zero_shot.json zero-shot accuracy on held-out images (shapes: drawn with ``--eval_seed``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from hfgen.clip import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    preprocess_images,
+    small_clip_config,
+    tokenize,
+    train_clip_tokenizer,
+    zero_shot_classify,
+)
+from hfgen.data import COLORS, SHAPE_PAIRS, SHAPES, load_image_dataset, make_shapes_dataset
+
+logger = get_logger(__name__)
+MAX_LOGIT_SCALE = math.log(100.0)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model
+    p.add_argument("--pretrained_model_name_or_path", default=None, help="fine-tune this CLIPModel (folder or repo)")
+    p.add_argument("--tokenizer_name", default=None, help="a CLIPTokenizer to use instead of learning one")
+    p.add_argument("--vocab_size", type=int, default=4096, help="upper bound of a tokenizer learned from captions")
+    p.add_argument("--max_length", type=int, default=32, help="text length of a model built from scratch")
+    p.add_argument("--patch_size", type=int, default=4)
+    p.add_argument("--vision_width", type=int, default=128)
+    p.add_argument("--vision_layers", type=int, default=4)
+    p.add_argument("--text_width", type=int, default=128)
+    p.add_argument("--text_layers", type=int, default=4)
+    p.add_argument("--num_heads", type=int, default=4)
+    p.add_argument("--projection_dim", type=int, default=128)
+    # data
+    p.add_argument("--dataset_name", default=None, help="a Hub data set; default: the built-in shapes captions")
+    p.add_argument("--dataset_config_name", default=None)
+    p.add_argument("--train_data_dir", default=None, help="a local imagefolder with metadata.jsonl captions")
+    p.add_argument("--image_column", default="image")
+    p.add_argument("--caption_column", default="text")
+    p.add_argument("--label_column", default=None, help="class labels of a custom data set, for zero-shot eval")
+    p.add_argument("--num_shapes", type=int, default=8192, help="size of the built-in shapes training set")
+    p.add_argument("--num_eval_images", type=int, default=1024, help="held-out images for zero-shot accuracy")
+    p.add_argument("--eval_seed", type=int, default=12345, help="seed of the held-out shapes")
+    p.add_argument("--resolution", type=int, default=32, help="image size of a model built from scratch")
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--cache_dir", default=None)
+    # optimisation
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train_batch_size", type=int, default=128)
+    p.add_argument("--num_epochs", type=int, default=100)
+    p.add_argument("--max_train_steps", type=int, default=None, help="overrides num_epochs")
+    p.add_argument("--learning_rate", type=float, default=5e-4)
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.98)
+    p.add_argument("--adam_epsilon", type=float, default=1e-6)
+    p.add_argument("--lr_scheduler", default="cosine")
+    p.add_argument("--lr_warmup_steps", type=int, default=100)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    p.add_argument("--use_ema", action="store_true", help="save an exponential moving average of the weights")
+    p.add_argument("--ema_decay", type=float, default=0.999)
+    # checkpoints, logging, Hub
+    p.add_argument("--output_dir", default="clip-model")
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
+    p.add_argument("--logging_dir", default="logs")
+    p.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", default=None)
+    args = p.parse_args(argv)
+
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise ValueError("give at most one of --dataset_name and --train_data_dir")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "resolution", "max_length"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    if args.resolution % args.patch_size:
+        raise ValueError(f"--resolution ({args.resolution}) must be divisible by --patch_size ({args.patch_size})")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
+    """
+    Symmetric InfoNCE of CLIP (Radford et al. 2021, Fig. 3): image i matches text i of the batch.
+
+    :param logits_per_image: (B, B) = exp(logit_scale) * cos(image_i, text_j); rows images, columns texts.
+    """
+    targets = torch.arange(len(logits_per_image), device=logits_per_image.device)
+    image_to_text = F.cross_entropy(logits_per_image, targets)
+    text_to_image = F.cross_entropy(logits_per_image.T, targets)
+    return (image_to_text + text_to_image) / 2
+
+
+def load_data(args) -> tuple:
+    """(train set, held-out set or None, class names or None, templates) with columns image / text (/ label)."""
+    if args.dataset_name is None and args.train_data_dir is None:
+        train = make_shapes_dataset(num_images=args.num_shapes, image_size=args.resolution, seed=args.seed)
+        held_out = make_shapes_dataset(num_images=args.num_eval_images, image_size=args.resolution, seed=args.eval_seed)
+        return train, held_out, [f"{c} {s}" for c, s in SHAPE_PAIRS], ("a {}",)
+    dataset = load_image_dataset(
+        dataset_name=args.dataset_name,
+        train_data_dir=args.train_data_dir,
+        dataset_config_name=args.dataset_config_name,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        label_column=args.label_column,
+        cache_dir=args.cache_dir,
+    )
+    if args.label_column is None or args.num_eval_images == 0:
+        return dataset, None, None, ()
+    split = dataset.train_test_split(test_size=args.num_eval_images, seed=args.seed)
+    label_feature = dataset.features["label"]
+    if hasattr(label_feature, "names"):
+        class_names = list(label_feature.names)
+    else:
+        class_names = sorted({str(v) for v in dataset["label"]})
+        split["test"] = split["test"].map(lambda ex: {"label": class_names.index(str(ex["label"]))})
+    return split["train"], split["test"], class_names, ("a photo of a {}.", "a {}")
+
+
+def zero_shot_report(model, tokenizer, held_out, class_names, templates) -> dict:
+    """Zero-shot accuracy on the held-out set; for shapes also the colour and shape accuracy of the predicted pair."""
+    model.eval()
+    predictions = []
+    for i in range(0, len(held_out), 256):
+        batch = held_out[i : i + 256]
+        predictions.append(zero_shot_classify(model, tokenizer, batch["image"], class_names, templates).predictions)
+    predictions = torch.cat(predictions).cpu()
+    labels = torch.tensor(held_out["label"])
+    report = {
+        "zero_shot_accuracy": (predictions == labels).float().mean().item(),
+        "chance": 1 / len(class_names),
+        "num_images": len(held_out),
+        "num_classes": len(class_names),
+        "templates": list(templates),
+    }
+    if class_names == [f"{c} {s}" for c, s in SHAPE_PAIRS]:
+        report["color_accuracy"] = (predictions // len(SHAPES) == labels // len(SHAPES)).float().mean().item()
+        report["shape_accuracy"] = (predictions % len(SHAPES) == labels % len(SHAPES)).float().mean().item()
+        report["color_chance"], report["shape_chance"] = 1 / len(COLORS), 1 / len(SHAPES)
+    return report
+
+
+def save_text_encoder(model: CLIPModel, folder: str | os.PathLike) -> None:
+    """The text tower with its projection as a CLIPTextModelWithProjection (also loadable by CLIPTextModel)."""
+    text_config = model.config.text_config
+    text_config.projection_dim = model.config.projection_dim
+    text_encoder = CLIPTextModelWithProjection(text_config)
+    text_encoder.text_model.load_state_dict(model.text_model.state_dict())
+    text_encoder.text_projection.load_state_dict(model.text_projection.state_dict())
+    text_encoder.save_pretrained(folder)
+
+
+def save_image_processor_config(folder: str | os.PathLike, image_size: int) -> None:
+    """``preprocessor_config.json`` of a CLIP image processor matching ``hfgen.clip.preprocess_images``."""
+    config = {
+        "image_processor_type": "CLIPImageProcessor",
+        "processor_class": "CLIPProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": image_size},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+        "do_convert_rgb": True,
+    }
+    Path(folder, "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d[11:].isdigit()]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(accelerator: Accelerator, args, step: int) -> None:
+    """Write ``checkpoint-<step>`` to a temporary folder, rename it, then keep the newest ``checkpoints_total_limit``."""
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if args.checkpoints_total_limit is not None:
+        steps = sorted(int(d.split("-")[1]) for d in os.listdir(args.output_dir) if d[11:].isdigit())
+        for old in steps[: max(0, len(steps) - args.checkpoints_total_limit)]:
+            shutil.rmtree(os.path.join(args.output_dir, f"checkpoint-{old}"))
+    logger.info(f"saved {final}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train, save clip/ text_encoder/ tokenizer/ and zero_shot.json in ``args.output_dir``; return the report."""
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # 1. data
+    train_set, held_out, class_names, templates = load_data(args)
+
+    # 2. tokenizer: pretrained, or learned from the captions (kept in output_dir so that a resumed run reuses it)
+    tokenizer_dir = os.path.join(args.output_dir, "tokenizer")
+    model_path = args.pretrained_model_name_or_path
+    if model_path and os.path.isdir(os.path.join(model_path, "clip")):
+        model_path = os.path.join(model_path, "clip")  # the output of this script
+    if args.tokenizer_name or model_path:
+        tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name or model_path)
+    elif args.resume_from_checkpoint and os.path.isfile(os.path.join(tokenizer_dir, "tokenizer_config.json")):
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = train_clip_tokenizer(
+            train_set["text"], vocab_size=args.vocab_size, model_max_length=args.max_length
+        )
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(tokenizer_dir)
+
+    # 3. model
+    if args.pretrained_model_name_or_path:
+        model = CLIPModel.from_pretrained(model_path)
+    else:
+        config = small_clip_config(
+            tokenizer,
+            image_size=args.resolution,
+            patch_size=args.patch_size,
+            vision_width=args.vision_width,
+            vision_layers=args.vision_layers,
+            text_width=args.text_width,
+            text_layers=args.text_layers,
+            num_heads=args.num_heads,
+            projection_dim=args.projection_dim,
+        )
+        model = CLIPModel(config)
+    image_size = model.config.vision_config.image_size
+    max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
+    ema = EMAModel(model.parameters(), decay=args.ema_decay) if args.use_ema else None
+
+    def collate(examples: list[dict]) -> dict:
+        batch = tokenize(tokenizer, [ex["text"] for ex in examples], max_length)
+        batch["pixel_values"] = preprocess_images([ex["image"] for ex in examples], model)  # (B, 3, S, S)
+        return batch
+
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=len(train_set) >= args.train_batch_size,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+    )
+
+    # 4. optimiser: no weight decay on gains, biases, embeddings' positions and the temperature (CLIP, Sec. 2.5)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "position_embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "position_embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("train_clip", config={k: v for k, v in vars(args).items() if v is not None})
+
+    # 5. resume
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = (
+            latest_checkpoint(args.output_dir)
+            if args.resume_from_checkpoint == "latest"
+            else args.resume_from_checkpoint
+        )
+        if path is None:
+            logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
+        elif not os.path.isdir(path):
+            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder")
+        else:
+            accelerator.load_state(path)
+            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
+            first_epoch = global_step // steps_per_epoch
+            resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+            logger.info(f"resumed from {path} at step {global_step}")
+
+    # 6. loop
+    logger.info(f"{len(train_set)} pairs, {max_train_steps} steps of batch {args.train_batch_size}")
+    progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
+    unwrapped = accelerator.unwrap_model(model)
+    loss_value = float("nan")
+    for epoch in range(first_epoch, num_epochs):
+        model.train()
+        epoch_loader = loader
+        if epoch == first_epoch and resume_batches:
+            epoch_loader = accelerator.skip_first_batches(loader, resume_batches)
+        for batch in epoch_loader:
+            with accelerator.accumulate(model):
+                out = model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"],
+                )
+                loss = contrastive_loss(out.logits_per_image)  # (B, B) -> scalar
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+                with torch.no_grad():  # temperature at most 1 / 100 (CLIP, Sec. 2.5)
+                    unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(model.parameters())
+            global_step += 1
+            progress.update(1)
+            loss_value = loss.detach().item()
+            logs = {
+                "loss": loss_value,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "logit_scale": unwrapped.logit_scale.item(),
+            }
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                save_checkpoint(accelerator, args, global_step)
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+
+    # 7. save clip/, text_encoder/, tokenizer/, then zero-shot on held-out images
+    accelerator.wait_for_everyone()
+    report = {"steps": global_step, "final_loss": loss_value}
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(unwrapped.parameters())
+        clip_dir = os.path.join(args.output_dir, "clip")
+        unwrapped.save_pretrained(clip_dir)
+        tokenizer.save_pretrained(clip_dir)
+        save_image_processor_config(clip_dir, image_size)
+        save_text_encoder(unwrapped, os.path.join(args.output_dir, "text_encoder"))
+        tokenizer.save_pretrained(tokenizer_dir)
+        if held_out is not None:
+            report.update(zero_shot_report(unwrapped, tokenizer, held_out, class_names, templates))
+            logger.info(f"zero-shot accuracy {report['zero_shot_accuracy']:.3f} (chance {report['chance']:.3f})")
+        else:
+            report["zero_shot_accuracy"] = None
+            report["note"] = "no held-out labels: pass --label_column to measure zero-shot accuracy"
+        Path(args.output_dir, "zero_shot.json").write_text(json.dumps(report, indent=2))
+        if args.push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True).repo_id
+            upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", "logs/*"])
+    accelerator.end_training()
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())
