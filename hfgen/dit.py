@@ -22,6 +22,8 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from .layers import Attention, DenoiserOutput, TimestepEmbedder, check_denoiser_inputs, masked_mean
+from .cards import HubCardMixin
+from .loading import SafeLoadingMixin
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers
@@ -156,7 +158,7 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class DiTModel(ModelMixin, ConfigMixin):
+class DiTModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
     """
     Diffusion Transformer denoiser with the hfgen denoiser signature.
 

@@ -24,6 +24,8 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from .layers import Attention, DenoiserOutput, TimestepEmbedder, check_denoiser_inputs, masked_mean
+from .cards import HubCardMixin
+from .loading import SafeLoadingMixin
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers
@@ -141,7 +143,7 @@ class RINBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class RINModel(ModelMixin, ConfigMixin):
+class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
     """
     Recurrent Interface Network denoiser with the hfgen denoiser signature plus latent self-conditioning.
 

@@ -25,6 +25,8 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from .layers import Attention, DenoiserOutput, TimestepEmbedder, check_denoiser_inputs
+from .cards import HubCardMixin
+from .loading import SafeLoadingMixin
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Blocks
@@ -142,7 +144,7 @@ class Level(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class UNetModel(ModelMixin, ConfigMixin):
+class UNetModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
     """
     U-Net denoiser with optional class and text conditioning. The output is whatever the training objective asks
     for (eps, v or x0); the network does not know which.
