@@ -21,6 +21,8 @@ import pickle
 import struct
 import zipfile
 
+import safetensors
+import safetensors.torch
 import torch
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
@@ -54,7 +56,9 @@ def find_weight_files(folder: str, variant: str | None = None, use_safetensors: 
                 raise FileNotFoundError(f"{index} names shards that are missing from {folder}: {missing}")
             return [os.path.join(folder, s) for s in shards]
     expected = " or ".join(os.path.join(folder, _with_variant(n, variant)) for n in names)
-    raise FileNotFoundError(f"no model weights found: expected {expected}; the folder holds {sorted(os.listdir(folder))}")
+    raise FileNotFoundError(
+        f"no model weights found: expected {expected}; the folder holds {sorted(os.listdir(folder))}"
+    )
 
 
 def check_safetensors_file(path: str) -> None:
@@ -121,3 +125,34 @@ class SafeLoadingMixin:
                 f"tensors the model does not have: {sorted(unexpected)[:8]}"
             )
         return (model, info) if return_info else model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EMA state for training checkpoints, as safetensors (accelerate's register_for_checkpointing pickles it instead and
+# reads it back with weights_only=False)
+# ----------------------------------------------------------------------------------------------------------------------
+
+EMA_STATE_NAME = "ema_state.safetensors"
+
+
+def save_ema_state(ema, folder: str | os.PathLike) -> str:
+    """Write a diffusers ``EMAModel``'s state to ``folder/ema_state.safetensors``: the shadow weights as tensors,
+    the scalar settings (decay, optimization_step, ...) as JSON metadata. Returns the file path."""
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    tensors = {f"shadow_params.{i}": p.detach().contiguous().cpu() for i, p in enumerate(shadow)}
+    path = os.path.join(os.fspath(folder), EMA_STATE_NAME)
+    safetensors.torch.save_file(tensors, path, metadata={"state": json.dumps(state)})
+    return path
+
+
+def load_ema_state(ema, folder: str | os.PathLike) -> None:
+    """Load ``folder/ema_state.safetensors`` (written by ``save_ema_state``) into ``ema`` in place."""
+    path = os.path.join(os.fspath(folder), EMA_STATE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no EMA state in {folder}: expected {path}")
+    check_safetensors_file(path)
+    with safetensors.safe_open(path, framework="pt") as f:
+        state = json.loads(f.metadata()["state"])
+        shadow = [f.get_tensor(f"shadow_params.{i}") for i in range(len(f.keys()))]
+    ema.load_state_dict({**state, "shadow_params": shadow})

@@ -23,8 +23,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from .layers import Attention, DenoiserOutput, TimestepEmbedder, check_denoiser_inputs, masked_mean
 from .cards import HubCardMixin
+from .layers import Attention, DenoiserOutput, TimestepEmbedder, check_denoiser_inputs, masked_mean
 from .loading import SafeLoadingMixin
 
 # ----------------------------------------------------------------------------------------------------------------------
