@@ -280,6 +280,13 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep must be in [0, {T - 1}] (num_train_timesteps={T}), got {t}")
         raise ValueError(f"timestep {t} is not in the schedule set by set_timesteps: {self._schedule}")
 
+    @staticmethod
+    def _raise_bad_shape(model_output: torch.Tensor, sample: torch.Tensor, accepted: str = ""):
+        raise ValueError(
+            f"model_output must have the shape of sample {tuple(sample.shape)}{accepted}, "
+            f"got {tuple(model_output.shape)}"
+        )
+
     def previous_timestep(self, timestep) -> int:
         """t': the entry after ``timestep`` in ``self.timesteps``, or -1 after the last one."""
         i = self._step_index(timestep)
@@ -425,9 +432,13 @@ class DDPMScheduler(_DiscreteScheduler):
                     f"variance_type={self.variance_type!r} needs model_output with 2 * {C} channels (prediction, "
                     f"variance), got {model_output.shape[1]}"
                 )
+            if model_output.shape[:1] + model_output.shape[2:] != sample.shape[:1] + sample.shape[2:]:
+                self._raise_bad_shape(model_output, sample, f" with 2 * {C} channels")
             model_output, predicted_variance = model_output.split(C, dim=1)
-        elif model_output.shape[1] != C:
-            raise ValueError(f"model_output must have {C} channels like sample, got {model_output.shape[1]}")
+        elif model_output.shape != sample.shape:
+            if model_output.ndim == sample.ndim and model_output.shape[1] != C:
+                raise ValueError(f"model_output must have {C} channels like sample, got {model_output.shape[1]}")
+            self._raise_bad_shape(model_output, sample)
 
         # 1. x_0 hat from the model output: eq. 15, x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)
         sqrt_ab, sqrt_1m_ab = self._sqrt_ab[i], self._sqrt_1m_ab[i]
@@ -545,6 +556,8 @@ class DDIMScheduler(_DiscreteScheduler):
         """
         cfg = self.config
         i = self._step_index(timestep)
+        if model_output.shape != sample.shape:
+            self._raise_bad_shape(model_output, sample)
         sqrt_ab, sqrt_1m_ab = self._sqrt_ab[i], self._sqrt_1m_ab[i]
 
         # 1. "predicted x_0" and eps of eq. 12: x_0 = (x_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)
@@ -614,6 +627,8 @@ class DDIMScheduler(_DiscreteScheduler):
         """
         pt = self.config.prediction_type
         i = self._step_index(timestep)
+        if model_output.shape != sample.shape:
+            self._raise_bad_shape(model_output, sample)
         sqrt_ab, sqrt_1m_ab = self._sqrt_ab[i], self._sqrt_1m_ab[i]
         # 1. eps from the model output at level t
         if pt == "epsilon":

@@ -142,7 +142,7 @@ def test_nonfinite_loss_stops_without_nan_checkpoints(tmp_path):
 def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"--model_config 'unet-huge' .*unet-tiny"):
         parse_args(["--model_config", "unet-huge", "--output_dir", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="--resume_from_checkpoint"):
+    with pytest.raises(ValueError, match="--resume_from_checkpoint"):
         parse_args(["--resume_from_checkpoint", str(tmp_path / "checkpoint-7"), "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="--text_encoder"):
         parse_args(["--conditioning", "text", "--output_dir", str(tmp_path)])

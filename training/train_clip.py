@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from hfgen.clip import (
     zero_shot_classify,
 )
 from hfgen.data import COLORS, SHAPE_PAIRS, SHAPES, load_image_dataset, make_shapes_dataset
+from hfgen.loading import load_ema_state, save_ema_state
 
 logger = get_logger(__name__)
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -116,6 +118,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
     if args.resolution % args.patch_size:
         raise ValueError(f"--resolution ({args.resolution}) must be divisible by --patch_size ({args.patch_size})")
+    resume = args.resume_from_checkpoint
+    if resume not in (None, "latest") and not (
+        os.path.isdir(resume) and re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.normpath(resume)))
+    ):
+        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint-<step> folder (or 'latest')")
     return args
 
 
@@ -331,7 +338,18 @@ def main(args: argparse.Namespace) -> dict:
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+
+        # the EMA weights travel in the checkpoint as safetensors (register_for_checkpointing would pickle them)
+        def save_ema_hook(models, weights, output_dir: str) -> None:
+            if accelerator.is_main_process:
+                save_ema_state(ema, output_dir)
+
+        def load_ema_hook(models, input_dir: str) -> None:
+            load_ema_state(ema, input_dir)
+            ema.to(accelerator.device)  # loaded on the CPU
+
+        accelerator.register_save_state_pre_hook(save_ema_hook)
+        accelerator.register_load_state_pre_hook(load_ema_hook)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("train_clip", config={k: v for k, v in vars(args).items() if v is not None})
 

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 import hfgen
 from hfgen.clip import tokenize
 from hfgen.data import image_transform, load_image_dataset, load_mnist_npz, make_shapes_dataset
+from hfgen.loading import load_ema_state, save_ema_state
 from hfgen.schedulers import DDIMScheduler, DDPMScheduler
 
 logger = get_logger(__name__)
@@ -103,7 +104,7 @@ def build_model(args, in_channels: int, sample_size: int, num_classes: int | Non
         raise ValueError(
             f"--model {args.model} --model_config {args.model_config or DEFAULT_PRESETS[args.model]} "
             f"cannot be built at --resolution {args.resolution} (sample size {sample_size}): {error}"
-        )
+        ) from error
     f = model.downsample_factor
     if sample_size % f:
         raise ValueError(
@@ -286,7 +287,7 @@ def resolve_resume(args) -> tuple[str | None, int]:
     path = args.resume_from_checkpoint
     m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
     if not os.path.isdir(path) or not m:
-        raise FileNotFoundError(
+        raise ValueError(
             f"--resume_from_checkpoint {path!r} is not a checkpoint-<step> folder "
             f"(or 'latest'); found {[p for _, p in list_checkpoints(args.output_dir)]}"
         )
@@ -616,7 +617,18 @@ def main(args: argparse.Namespace) -> None:
             model_config=model.config,
         )
         ema.to(device)
-        accelerator.register_for_checkpointing(ema)
+
+        # the EMA weights travel in the checkpoint as safetensors (register_for_checkpointing would pickle them)
+        def save_ema_hook(models, weights, output_dir: str) -> None:
+            if accelerator.is_main_process:
+                save_ema_state(ema, output_dir)
+
+        def load_ema_hook(models, input_dir: str) -> None:
+            load_ema_state(ema, input_dir)
+            ema.to(device)  # loaded on the CPU
+
+        accelerator.register_save_state_pre_hook(save_ema_hook)
+        accelerator.register_load_state_pre_hook(load_ema_hook)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
