@@ -1,0 +1,399 @@
+"""Train an autoencoder (``--model ae``) or a VAE (``--model vae``) on images.
+
+    accelerate launch training/train_autoencoder.py --model vae --output_dir vae-shapes --max_train_steps 2000
+    accelerate launch training/train_autoencoder.py --model vae --mnist_npz ../shared/data/mnist10k.npz \\
+        --resolution 32 --recon_loss bce --output_dir vae-mnist
+
+Loss = reconstruction (``--recon_loss`` mse | l1 | bce, mean over pixels)
+     + beta * KL(q(z|x) || N(0, I)) / (C * H * W)        (VAE only; beta = ``--kl_weight``, warmed up linearly over
+                                                         ``--kl_warmup_steps``)
+With ``--recon_loss bce`` and beta = 1 this is the negative ELBO per pixel of a Bernoulli decoder.
+
+At the end ``config.scaling_factor`` is set to 1/std of the latents of ``--num_scaling_images`` training images, so that
+latent diffusion sees unit-variance latents. Output folder: an ``HFGenVAEPipeline`` folder (``vae/`` loads with
+``VAEModel.from_pretrained(path, subfolder="vae")``, as ``train_diffusion.py --vae PATH`` does), plus
+``samples/`` grids of reconstructions and prior samples and the tensorboard logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from hfgen.autoencoder import (
+    AUTOENCODER_PRESETS,
+    RECONSTRUCTION_LOSSES,
+    AutoencoderModel,
+    VAEModel,
+    reconstruction_loss,
+)
+from hfgen.data import image_transform, load_image_dataset, load_mnist_npz, make_shapes_dataset
+from hfgen.pipelines import HFGenVAEPipeline
+
+logger = get_logger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # model
+    p.add_argument("--model", default="vae", choices=["ae", "vae"])
+    p.add_argument("--preset", default="ae-small", choices=sorted(AUTOENCODER_PRESETS))
+    p.add_argument("--latent_channels", type=int, default=None, help="overrides the preset's latent_channels")
+    p.add_argument("--block_out_channels", type=int, nargs="+", default=None, help="overrides the preset's levels")
+    # objective
+    p.add_argument("--recon_loss", default="mse", choices=RECONSTRUCTION_LOSSES)
+    p.add_argument("--kl_weight", type=float, default=1e-3, help="beta of the per-pixel KL term (VAE only)")
+    p.add_argument("--kl_warmup_steps", type=int, default=0, help="beta grows linearly from 0 over these steps")
+    p.add_argument("--num_scaling_images", type=int, default=1024, help="images for the scaling_factor estimate")
+    # data
+    p.add_argument("--mnist_npz", default=None, help="train on the first 8000 digits of this npz (1 channel)")
+    p.add_argument("--dataset_name", default=None, help="a Hub data set; default: the built-in shapes")
+    p.add_argument("--dataset_config_name", default=None)
+    p.add_argument("--train_data_dir", default=None, help="a local imagefolder")
+    p.add_argument("--image_column", default="image")
+    p.add_argument("--caption_column", default=None, help="unused (accepted for a common command line)")
+    p.add_argument("--label_column", default=None, help="unused (accepted for a common command line)")
+    p.add_argument("--num_shapes", type=int, default=4096, help="size of the built-in shapes training set")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--channels", type=int, default=None, choices=[1, 3], help="default: 1 for MNIST, else 3")
+    p.add_argument("--center_crop", action="store_true")
+    p.add_argument("--random_flip", action="store_true")
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--cache_dir", default=None)
+    # optimisation
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train_batch_size", type=int, default=64)
+    p.add_argument("--num_epochs", type=int, default=20)
+    p.add_argument("--max_train_steps", type=int, default=None, help="overrides num_epochs")
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_weight_decay", type=float, default=0.0)
+    p.add_argument("--lr_scheduler", default="cosine")
+    p.add_argument("--lr_warmup_steps", type=int, default=100)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    p.add_argument("--use_ema", action="store_true", help="save an exponential moving average of the weights")
+    p.add_argument("--ema_decay", type=float, default=0.999)
+    # output
+    p.add_argument("--output_dir", default="vae-model")
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
+    p.add_argument("--sample_steps", type=int, default=500, help="write reconstruction / prior grids every N steps")
+    p.add_argument("--num_sample_images", type=int, default=16)
+    p.add_argument("--logging_dir", default="logs")
+    p.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", default=None)
+    args = p.parse_args(argv)
+
+    if sum(x is not None for x in (args.mnist_npz, args.dataset_name, args.train_data_dir)) > 1:
+        raise ValueError("give at most one of --mnist_npz, --dataset_name and --train_data_dir")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "resolution", "num_sample_images"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    if args.kl_weight < 0 or args.kl_warmup_steps < 0:
+        raise ValueError(
+            f"--kl_weight and --kl_warmup_steps must be >= 0, got {args.kl_weight}, {args.kl_warmup_steps}"
+        )
+    f = 2 ** (len(args.block_out_channels or AUTOENCODER_PRESETS[args.preset]["block_out_channels"]) - 1)
+    if args.resolution % f:
+        raise ValueError(f"--resolution ({args.resolution}) must be divisible by the preset's downsampling factor {f}")
+    if args.channels is None:
+        args.channels = 1 if args.mnist_npz else 3
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_train_set(args):
+    """The training images as a ``datasets.Dataset`` with an ``image`` column, and the transform to [-1, 1]."""
+    if args.mnist_npz:
+        dataset = load_mnist_npz(args.mnist_npz, split="train")
+    elif args.dataset_name or args.train_data_dir:
+        dataset = load_image_dataset(
+            args.dataset_name,
+            args.train_data_dir,
+            args.dataset_config_name,
+            image_column=args.image_column,
+            cache_dir=args.cache_dir,
+        )
+    else:
+        dataset = make_shapes_dataset(num_images=args.num_shapes, image_size=args.resolution, seed=args.seed)
+    pad = bool(args.mnist_npz) and args.resolution >= 28  # MNIST 28 -> 32 by black borders, not by resizing
+    transform = image_transform(args.resolution, args.channels, args.center_crop, args.random_flip, pad=pad)
+    return dataset, transform
+
+
+def kl_beta(args, step: int) -> float:
+    """beta at ``step``: ``kl_weight`` after a linear warm-up of ``kl_warmup_steps``."""
+    if args.kl_warmup_steps == 0:
+        return args.kl_weight
+    return args.kl_weight * min(1.0, step / args.kl_warmup_steps)
+
+
+def to_pil_grid(images: torch.Tensor, cols: int) -> PIL.Image.Image:
+    """Images (N, C, H, W) in [-1, 1] -> one RGB grid, ``cols`` per row."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    n, _, h, w = x.shape
+    rows = math.ceil(n / cols)
+    grid = torch.zeros(3, rows * h, cols * w, dtype=torch.uint8)
+    for i in range(n):
+        grid[:, i // cols * h : (i // cols + 1) * h, i % cols * w : (i % cols + 1) * w] = x[i]
+    return PIL.Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+@torch.no_grad()
+def log_samples(vae, fixed_images: torch.Tensor, args, accelerator: Accelerator, step: int) -> None:
+    """Grids of (originals | reconstructions) and of prior samples: png files in ``samples/`` and tensorboard."""
+    vae.eval()
+    n = fixed_images.shape[0]
+    recon = vae(fixed_images).sample  # (n, C, H, W)
+    recon_grid = to_pil_grid(torch.cat([fixed_images, recon]), cols=n)
+    side = args.resolution // vae.downsample_factor
+    m = args.num_sample_images
+    z = torch.randn(m, vae.config.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
+    prior_grid = to_pil_grid(vae.decode(z.to(fixed_images.device, vae.dtype)).sample, cols=math.ceil(math.sqrt(m)))
+    folder = Path(args.output_dir, "samples")
+    folder.mkdir(parents=True, exist_ok=True)
+    recon_grid.save(folder / f"reconstructions-{step:06d}.png")
+    prior_grid.save(folder / f"prior-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for tag, grid in (("reconstructions", recon_grid), ("prior_samples", prior_grid)):
+                tracker.writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
+    vae.train()
+
+
+@torch.no_grad()
+def latent_std(vae, loader, num_images: int, device) -> float:
+    """Standard deviation of posterior samples z over the first ``num_images`` images of ``loader``."""
+    vae.eval()
+    zs, seen = [], 0
+    generator = torch.Generator(device=device).manual_seed(0)
+    for batch in loader:
+        x = batch.to(device, vae.dtype)
+        zs.append(vae.encode(x).latent_dist.sample(generator=generator).float().flatten())
+        seen += x.shape[0]
+        if seen >= num_images:
+            break
+    return torch.cat(zs).std().item()
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d[11:].isdigit()]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(accelerator: Accelerator, args, step: int) -> None:
+    """Write ``checkpoint-<step>`` to a temp folder, rename it, then keep the newest ``checkpoints_total_limit``."""
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if args.checkpoints_total_limit is not None:
+        steps = sorted(
+            int(d.split("-")[1])
+            for d in os.listdir(args.output_dir)
+            if d.startswith("checkpoint-") and d[11:].isdigit()
+        )
+        for old in steps[: max(0, len(steps) - args.checkpoints_total_limit)]:
+            shutil.rmtree(os.path.join(args.output_dir, f"checkpoint-{old}"))
+    logger.info(f"saved {final}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train, set ``scaling_factor``, save an ``HFGenVAEPipeline`` folder in ``args.output_dir``; return a report."""
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # 1. data
+    dataset, transform = load_train_set(args)
+    fixed_images = torch.stack([transform(dataset[i]["image"]) for i in range(min(len(dataset), 8))])  # for grids
+    dataset.set_transform(lambda ex: {"pixel_values": [transform(im) for im in ex["image"]]})
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=len(dataset) >= args.train_batch_size,
+        collate_fn=lambda rows: torch.stack([r["pixel_values"] for r in rows]),  # (B, C, H, W) in [-1, 1]
+        num_workers=args.dataloader_num_workers,
+    )
+
+    # 2. model
+    kwargs = dict(AUTOENCODER_PRESETS[args.preset])
+    if args.latent_channels is not None:
+        kwargs["latent_channels"] = args.latent_channels
+    if args.block_out_channels is not None:
+        kwargs["block_out_channels"] = tuple(args.block_out_channels)
+    model_cls = VAEModel if args.model == "vae" else AutoencoderModel
+    vae = model_cls(**kwargs, in_channels=args.channels, out_channels=args.channels, sample_size=args.resolution)
+    ema = EMAModel(vae.parameters(), decay=args.ema_decay) if args.use_ema else None
+
+    # 3. optimiser
+    optimizer = torch.optim.AdamW(
+        vae.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+    )
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    vae, optimizer, loader, lr_scheduler = accelerator.prepare(vae, optimizer, loader, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers(
+            "train_autoencoder",
+            config={k: str(v) if isinstance(v, list) else v for k, v in vars(args).items() if v is not None},
+        )
+
+    # 4. resume
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = (
+            latest_checkpoint(args.output_dir)
+            if args.resume_from_checkpoint == "latest"
+            else args.resume_from_checkpoint
+        )
+        if path is None:
+            logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
+        elif not os.path.isdir(path):
+            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder")
+        else:
+            accelerator.load_state(path)
+            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
+            first_epoch = global_step // steps_per_epoch
+            resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+            logger.info(f"resumed from {path} at step {global_step}")
+
+    # 5. loop
+    logger.info(f"{len(dataset)} images, {max_train_steps} steps of batch {args.train_batch_size}")
+    unwrapped = accelerator.unwrap_model(vae)
+    fixed_images = fixed_images.to(accelerator.device)
+    progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
+    logs, skipped = {}, 0
+    for epoch in range(first_epoch, num_epochs):
+        vae.train()
+        epoch_loader = loader
+        if epoch == first_epoch and resume_batches:
+            epoch_loader = accelerator.skip_first_batches(loader, resume_batches)
+        for x in epoch_loader:
+            with accelerator.accumulate(vae):
+                # encode, draw z ~ q(z|x) (the AE's posterior is a point mass), decode
+                posterior = unwrapped.encode(x).latent_dist
+                recon = unwrapped.decode(posterior.sample()).sample  # (B, C, H, W)
+                recon_loss = reconstruction_loss(recon, x, args.recon_loss).mean()
+                kl = posterior.kl().mean() / x[0].numel() if args.model == "vae" else torch.zeros((), device=x.device)
+                beta = kl_beta(args, global_step)
+                loss = recon_loss + beta * kl
+                if not torch.isfinite(loss):  # skip the batch, keep the weights
+                    skipped += 1
+                    logger.warning(f"non-finite loss at step {global_step}: skipped ({skipped} so far)")
+                    optimizer.zero_grad()
+                    continue
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(vae.parameters())
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": loss.item(), "recon_loss": recon_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+            if args.model == "vae":
+                logs.update(kl=kl.item(), beta=beta)
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process:
+                if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args, global_step)
+                if args.sample_steps and global_step % args.sample_steps == 0:
+                    log_samples(unwrapped, fixed_images, args, accelerator, global_step)
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+
+    # 6. EMA weights, scaling_factor = 1 / std(z), save the pipeline folder
+    accelerator.wait_for_everyone()
+    report = {"steps": global_step, "skipped_batches": skipped, **logs}
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(unwrapped.parameters())
+        std = latent_std(unwrapped, loader, args.num_scaling_images, accelerator.device)
+        unwrapped.register_to_config(scaling_factor=1.0 / max(std, 1e-8))
+        report["latent_std"] = std
+        report["scaling_factor"] = unwrapped.config.scaling_factor
+        log_samples(unwrapped, fixed_images, args, accelerator, global_step)
+        pipeline = HFGenVAEPipeline(vae=unwrapped)
+        pipeline.save_pretrained(args.output_dir)
+        Path(args.output_dir, "train_report.json").write_text(json.dumps(report, indent=2))
+        logger.info(f"saved {args.output_dir} (scaling_factor {report['scaling_factor']:.4f})")
+        if args.push_to_hub:
+            info = {k: v for k, v in vars(args).items() if v is not None and k not in ("push_to_hub", "hub_model_id")}
+            pipeline.push_to_hub(args.hub_model_id or Path(args.output_dir).name, training_info=info)
+    accelerator.end_training()
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())

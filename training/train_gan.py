@@ -1,0 +1,463 @@
+"""Train a DCGAN (hfgen ``GANGenerator`` + ``GANDiscriminator``) on images.
+
+    accelerate launch training/train_gan.py --output_dir gan-shapes --max_train_steps 3000
+    accelerate launch training/train_gan.py --mnist_npz ../shared/data/mnist10k.npz --loss hinge --spectral_norm \\
+        --class_conditional --output_dir gan-mnist
+
+Per step: one discriminator update, then one generator update, each with its own Adam (two-time-scale update rule:
+``--g_lr``, ``--d_lr``; Heusel et al. 2017).
+
+    non-saturating (``--loss ns``, Goodfellow et al. 2014):  L_D = softplus(-D(x)) + softplus(D(G(z)))
+                                                            L_G = softplus(-D(G(z)))
+    hinge (``--loss hinge``, Lim & Ye 2017; Miyato 2018):   L_D = relu(1 - D(x)) + relu(1 + D(G(z)))
+                                                            L_G = -D(G(z))
+    R1 (Mescheder et al. 2018), lazy as in StyleGAN2:       every ``--r1_every`` steps add
+                                                            r1_every * r1_gamma / 2 * E ||grad_x D(x)||^2 to L_D
+
+The generator's weights are averaged (``--use_ema``, diffusers ``EMAModel``); the saved generator's BatchNorm
+statistics are re-estimated for the weights it is saved with. Output folder: an ``HFGenGANPipeline`` folder
+(``generator/``), plus ``discriminator/`` (to continue training), ``samples/`` grids and tensorboard logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from hfgen.data import image_transform, load_image_dataset, load_mnist_npz, make_shapes_dataset
+from hfgen.gan import CLASS_CONDITIONINGS, GAN_PRESETS, GANDiscriminator, GANGenerator
+from hfgen.pipelines import HFGenGANPipeline
+
+logger = get_logger(__name__)
+GAN_LOSSES = ("ns", "hinge")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # model
+    p.add_argument("--preset", default="dcgan", choices=sorted(GAN_PRESETS))
+    p.add_argument("--latent_dim", type=int, default=None, help="overrides the preset's latent_dim")
+    p.add_argument("--spectral_norm", action="store_true", help="spectral normalisation in the discriminator")
+    p.add_argument("--class_conditional", action="store_true", help="condition both networks on the labels")
+    p.add_argument("--class_conditioning", default="concat", choices=CLASS_CONDITIONINGS)
+    # objective
+    p.add_argument("--loss", default="ns", choices=GAN_LOSSES)
+    p.add_argument("--r1_gamma", type=float, default=0.1, help="R1 weight; 0 turns it off")
+    p.add_argument("--r1_every", type=int, default=16, help="lazy R1: apply (scaled up) every N steps")
+    # data
+    p.add_argument("--mnist_npz", default=None, help="train on the first 8000 digits of this npz (1 channel)")
+    p.add_argument("--dataset_name", default=None, help="a Hub data set; default: the built-in shapes")
+    p.add_argument("--dataset_config_name", default=None)
+    p.add_argument("--train_data_dir", default=None, help="a local imagefolder")
+    p.add_argument("--image_column", default="image")
+    p.add_argument("--caption_column", default=None, help="unused (accepted for a common command line)")
+    p.add_argument("--label_column", default=None, help="labels of a custom data set for --class_conditional")
+    p.add_argument("--num_shapes", type=int, default=4096, help="size of the built-in shapes training set")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--channels", type=int, default=None, choices=[1, 3], help="default: 1 for MNIST, else 3")
+    p.add_argument("--center_crop", action="store_true")
+    p.add_argument("--random_flip", action="store_true")
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--cache_dir", default=None)
+    # optimisation
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train_batch_size", type=int, default=64)
+    p.add_argument("--num_epochs", type=int, default=20)
+    p.add_argument("--max_train_steps", type=int, default=None, help="overrides num_epochs")
+    p.add_argument("--learning_rate", type=float, default=2e-4, help="both learning rates unless --g_lr / --d_lr")
+    p.add_argument("--g_lr", type=float, default=None, help="generator learning rate (TTUR)")
+    p.add_argument("--d_lr", type=float, default=None, help="discriminator learning rate (TTUR)")
+    p.add_argument("--adam_beta1", type=float, default=0.5)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--lr_scheduler", default="constant")
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="must be 1 (alternating updates)")
+    p.add_argument("--max_grad_norm", type=float, default=0.0, help="0: no clipping")
+    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    p.add_argument("--use_ema", action="store_true", help="save an exponential moving average of the generator")
+    p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--bn_calibration_batches", type=int, default=16, help="batches to re-estimate BatchNorm stats")
+    # output
+    p.add_argument("--output_dir", default="gan-model")
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
+    p.add_argument("--sample_steps", type=int, default=500, help="write a sample grid every N steps")
+    p.add_argument("--num_sample_images", type=int, default=64)
+    p.add_argument("--logging_dir", default="logs")
+    p.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", default=None)
+    args = p.parse_args(argv)
+
+    if sum(x is not None for x in (args.mnist_npz, args.dataset_name, args.train_data_dir)) > 1:
+        raise ValueError("give at most one of --mnist_npz, --dataset_name and --train_data_dir")
+    for name in ("train_batch_size", "num_epochs", "resolution", "num_sample_images", "r1_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.gradient_accumulation_steps != 1:
+        raise ValueError(
+            f"--gradient_accumulation_steps must be 1 for alternating GAN updates, got "
+            f"{args.gradient_accumulation_steps}"
+        )
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    if args.r1_gamma < 0:
+        raise ValueError(f"--r1_gamma must be >= 0, got {args.r1_gamma}")
+    if args.class_conditional and (args.dataset_name or args.train_data_dir) and args.label_column is None:
+        raise ValueError("--class_conditional with --dataset_name / --train_data_dir needs --label_column")
+    args.g_lr = args.learning_rate if args.g_lr is None else args.g_lr
+    args.d_lr = args.learning_rate if args.d_lr is None else args.d_lr
+    if args.channels is None:
+        args.channels = 1 if args.mnist_npz else 3
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "ns") -> torch.Tensor:
+    """L_D from logits (B,) of real and generated images: "ns" (softplus form of the log loss) or "hinge"."""
+    if kind == "ns":
+        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    if kind == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    raise ValueError(f"kind must be one of {GAN_LOSSES}, got {kind!r}")
+
+
+def generator_loss(fake_logits: torch.Tensor, kind: str = "ns") -> torch.Tensor:
+    """L_G from the logits (B,) of generated images: "ns" (non-saturating -log D) or "hinge" (-D)."""
+    if kind == "ns":
+        return F.softplus(-fake_logits).mean()
+    if kind == "hinge":
+        return -fake_logits.mean()
+    raise ValueError(f"kind must be one of {GAN_LOSSES}, got {kind!r}")
+
+
+def r1_penalty(discriminator, real: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """R1 = E_x ||grad_x D(x)||^2 over real images (B, C, H, W), differentiable w.r.t. D's weights."""
+    real = real.detach().requires_grad_(True)
+    logits = discriminator(real, class_labels).logits  # (B,)
+    (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=True)  # (B, C, H, W)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_train_set(args):
+    """The training images (``image`` and, for conditional training, ``label`` columns) and the transform."""
+    if args.mnist_npz:
+        dataset = load_mnist_npz(args.mnist_npz, split="train")
+    elif args.dataset_name or args.train_data_dir:
+        dataset = load_image_dataset(
+            args.dataset_name,
+            args.train_data_dir,
+            args.dataset_config_name,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            cache_dir=args.cache_dir,
+        )
+    else:
+        dataset = make_shapes_dataset(num_images=args.num_shapes, image_size=args.resolution, seed=args.seed)
+    pad = bool(args.mnist_npz) and args.resolution >= 28  # MNIST 28 -> 32 by black borders, not by resizing
+    transform = image_transform(args.resolution, args.channels, args.center_crop, args.random_flip, pad=pad)
+    return dataset, transform
+
+
+def num_labels(dataset) -> int:
+    feature = dataset.features.get("label")
+    if feature is not None and hasattr(feature, "num_classes"):
+        return feature.num_classes
+    return int(max(dataset["label"])) + 1
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(generator: GANGenerator, num_batches: int, batch_size: int, num_classes: int | None):
+    """Re-estimate the BatchNorm running statistics of ``generator`` as plain averages over fresh samples."""
+    bns = [m for m in generator.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    generator.train()
+    device = generator.device
+    for _ in range(num_batches):
+        z = torch.randn(batch_size, generator.config.latent_dim, device=device, dtype=generator.dtype)
+        y = torch.randint(0, num_classes, (batch_size,), device=device) if num_classes else None
+        generator(z, y)
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    generator.eval()
+    return generator
+
+
+def sampling_generator(generator: GANGenerator, ema: EMAModel | None, args) -> GANGenerator:
+    """An eval-mode copy of the generator with the EMA weights (if any) and BatchNorm stats re-estimated for them."""
+    g = copy.deepcopy(generator)
+    if ema is not None:
+        ema.copy_to(g.parameters())
+    return recalibrate_batchnorm(g, args.bn_calibration_batches, args.train_batch_size, g.config.num_classes)
+
+
+def to_pil_grid(images: torch.Tensor, cols: int) -> PIL.Image.Image:
+    """Images (N, C, H, W) in [-1, 1] -> one RGB grid, ``cols`` per row."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    n, _, h, w = x.shape
+    rows = math.ceil(n / cols)
+    grid = torch.zeros(3, rows * h, cols * w, dtype=torch.uint8)
+    for i in range(n):
+        grid[:, i // cols * h : (i // cols + 1) * h, i % cols * w : (i % cols + 1) * w] = x[i]
+    return PIL.Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+@torch.no_grad()
+def log_samples(generator, fixed_z, fixed_labels, args, accelerator: Accelerator, step: int) -> None:
+    """A grid of samples of the fixed z: png in ``samples/`` and tensorboard."""
+    grid = to_pil_grid(generator(fixed_z, fixed_labels).sample, cols=int(math.sqrt(len(fixed_z))) or 1)
+    folder = Path(args.output_dir, "samples")
+    folder.mkdir(parents=True, exist_ok=True)
+    grid.save(folder / f"samples-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d[11:].isdigit()]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(accelerator: Accelerator, args, step: int) -> None:
+    """Write ``checkpoint-<step>`` to a temp folder, rename it, then keep the newest ``checkpoints_total_limit``."""
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if args.checkpoints_total_limit is not None:
+        steps = sorted(
+            int(d.split("-")[1])
+            for d in os.listdir(args.output_dir)
+            if d.startswith("checkpoint-") and d[11:].isdigit()
+        )
+        for old in steps[: max(0, len(steps) - args.checkpoints_total_limit)]:
+            shutil.rmtree(os.path.join(args.output_dir, f"checkpoint-{old}"))
+    logger.info(f"saved {final}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train, save an ``HFGenGANPipeline`` folder (and ``discriminator/``) in ``args.output_dir``; return a report."""
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # 1. data: (B, C, H, W) in [-1, 1] and labels (B,)
+    dataset, transform = load_train_set(args)
+    num_classes = num_labels(dataset) if args.class_conditional else None
+    has_labels = "label" in dataset.column_names
+    dataset.set_transform(
+        lambda ex: {
+            "pixel_values": [transform(im) for im in ex["image"]],
+            "label": ex["label"] if has_labels else [0] * len(ex["image"]),
+        }
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=len(dataset) >= args.train_batch_size,
+        collate_fn=lambda rows: (
+            torch.stack([r["pixel_values"] for r in rows]),
+            torch.tensor([r["label"] for r in rows], dtype=torch.long),
+        ),
+        num_workers=args.dataloader_num_workers,
+    )
+
+    # 2. models
+    g_kwargs, d_kwargs = (dict(kw) for kw in GAN_PRESETS[args.preset])
+    if args.latent_dim is not None:
+        g_kwargs["latent_dim"] = args.latent_dim
+    common = {"sample_size": args.resolution, "num_classes": num_classes}
+    G = GANGenerator(**g_kwargs, **common, out_channels=args.channels, class_conditioning=args.class_conditioning)
+    D = GANDiscriminator(**d_kwargs, **common, in_channels=args.channels, spectral_norm=args.spectral_norm)
+    ema = EMAModel(G.parameters(), decay=args.ema_decay) if args.use_ema else None
+
+    # 3. optimisers (TTUR)
+    g_opt = torch.optim.Adam(G.parameters(), lr=args.g_lr, betas=(args.adam_beta1, args.adam_beta2))
+    d_opt = torch.optim.Adam(D.parameters(), lr=args.d_lr, betas=(args.adam_beta1, args.adam_beta2))
+    steps_per_epoch = len(loader)
+    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    g_sched, d_sched = (
+        get_scheduler(
+            args.lr_scheduler,
+            optimizer=opt,
+            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=max_train_steps * accelerator.num_processes,
+        )
+        for opt in (g_opt, d_opt)
+    )
+    G, D, g_opt, d_opt, loader, g_sched, d_sched = accelerator.prepare(G, D, g_opt, d_opt, loader, g_sched, d_sched)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers(
+            "train_gan",
+            config={k: str(v) if isinstance(v, list) else v for k, v in vars(args).items() if v is not None},
+        )
+
+    # 4. resume
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = (
+            latest_checkpoint(args.output_dir)
+            if args.resume_from_checkpoint == "latest"
+            else args.resume_from_checkpoint
+        )
+        if path is None:
+            logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
+        elif not os.path.isdir(path):
+            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder")
+        else:
+            accelerator.load_state(path)
+            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
+            first_epoch = global_step // steps_per_epoch
+            resume_batches = global_step % steps_per_epoch
+            logger.info(f"resumed from {path} at step {global_step}")
+
+    # 5. loop: one D update, one G update per batch
+    logger.info(f"{len(dataset)} images, {max_train_steps} steps of batch {args.train_batch_size}")
+    G_unwrapped = accelerator.unwrap_model(G)
+    latent_dim, device = G_unwrapped.config.latent_dim, accelerator.device
+    fixed = torch.Generator().manual_seed(0)
+    fixed_z = torch.randn(args.num_sample_images, latent_dim, generator=fixed).to(device)
+    fixed_labels = None
+    if num_classes:
+        fixed_labels = (torch.arange(args.num_sample_images) % num_classes).to(device)
+    progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
+    logs, skipped = {}, 0
+    for epoch in range(first_epoch, num_epochs):
+        G.train()
+        D.train()
+        epoch_loader = loader
+        if epoch == first_epoch and resume_batches:
+            epoch_loader = accelerator.skip_first_batches(loader, resume_batches)
+        for real, labels in epoch_loader:
+            B = real.shape[0]
+            y = labels if num_classes else None
+
+            # a. discriminator: real vs detached fakes, plus the lazy R1 penalty
+            z = torch.randn(B, latent_dim, device=device)
+            with torch.no_grad():
+                fake = G(z, y).sample  # (B, C, H, W)
+            d_loss = discriminator_loss(D(real, y).logits, D(fake, y).logits, args.loss)
+            r1 = None
+            if args.r1_gamma > 0 and global_step % args.r1_every == 0:
+                r1 = r1_penalty(D, real, y)
+                d_loss = d_loss + args.r1_every * args.r1_gamma / 2 * r1
+            if torch.isfinite(d_loss):  # a non-finite loss skips the update
+                accelerator.backward(d_loss)
+                if args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(D.parameters(), args.max_grad_norm)
+                d_opt.step()
+            d_opt.zero_grad(set_to_none=True)
+
+            # b. generator: fool the (just updated) discriminator
+            z = torch.randn(B, latent_dim, device=device)
+            g_loss = generator_loss(D(G(z, y).sample, y).logits, args.loss)
+            if torch.isfinite(g_loss):
+                accelerator.backward(g_loss)
+                if args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(G.parameters(), args.max_grad_norm)
+                g_opt.step()
+            g_opt.zero_grad(set_to_none=True)
+            d_opt.zero_grad(set_to_none=True)  # drop the grads g_loss left in D
+            if not (torch.isfinite(d_loss) and torch.isfinite(g_loss)):
+                skipped += 1
+                logger.warning(f"non-finite loss at step {global_step}: update skipped ({skipped} so far)")
+            g_sched.step()
+            d_sched.step()
+            if ema is not None:
+                ema.step(G.parameters())
+            global_step += 1
+            progress.update(1)
+            logs = {"d_loss": d_loss.item(), "g_loss": g_loss.item(), "g_lr": g_sched.get_last_lr()[0]}
+            if r1 is not None:
+                logs["r1"] = r1.item()
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process:
+                if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args, global_step)
+                if args.sample_steps and global_step % args.sample_steps == 0:
+                    g_sample = sampling_generator(G_unwrapped, ema, args)
+                    log_samples(g_sample, fixed_z, fixed_labels, args, accelerator, global_step)
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+
+    # 6. the saved generator: EMA weights, BatchNorm stats re-estimated for them
+    accelerator.wait_for_everyone()
+    report = {"steps": global_step, "skipped_steps": skipped, **logs}
+    if accelerator.is_main_process:
+        g_final = sampling_generator(G_unwrapped, ema, args)
+        log_samples(g_final, fixed_z, fixed_labels, args, accelerator, global_step)
+        pipeline = HFGenGANPipeline(generator=g_final)
+        pipeline.save_pretrained(args.output_dir)
+        accelerator.unwrap_model(D).save_pretrained(os.path.join(args.output_dir, "discriminator"))
+        Path(args.output_dir, "train_report.json").write_text(json.dumps(report, indent=2))
+        logger.info(f"saved {args.output_dir}")
+        if args.push_to_hub:
+            info = {k: v for k, v in vars(args).items() if v is not None and k not in ("push_to_hub", "hub_model_id")}
+            pipeline.push_to_hub(args.hub_model_id or Path(args.output_dir).name, training_info=info)
+    accelerator.end_training()
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())
