@@ -41,9 +41,9 @@ def test_diffusers_records_the_hfgen_module_and_resolves_it(cls):
     module = importlib.import_module(library)
     assert getattr(module, class_name) is cls
     if issubclass(cls, ModelMixin):
-        assert getattr(module, "ModelMixin") is ModelMixin  # diffusers looks the base class up on the module
+        assert module.ModelMixin is ModelMixin  # diffusers looks the base class up on the module
     if issubclass(cls, SchedulerMixin):
-        assert getattr(module, "SchedulerMixin") is SchedulerMixin
+        assert module.SchedulerMixin is SchedulerMixin
 
 
 def test_pipelines_and_training_are_installed_under_hfgen():
