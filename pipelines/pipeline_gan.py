@@ -48,7 +48,8 @@ class HFGenGANPipeline(HFGenHubMixin, DiffusionPipeline):
     ) -> ImagePipelineOutput | tuple:
         """
         :param batch_size: number of images (ignored when ``latents`` are given).
-        :param generator: torch generator(s) for z (and for the labels a conditional model draws when none are given).
+        :param generator: torch generator(s) for z (and for the labels a conditional model draws when none are given):
+            one, or one per image (image i then depends on generator i only).
         :param latents: z (B, latent_dim) instead of drawing them.
         :param class_labels: conditional models: one label or one per image, in [0, num_classes); None draws them
             uniformly. Unconditional models: must be None.
@@ -65,6 +66,11 @@ class HFGenGANPipeline(HFGenHubMixin, DiffusionPipeline):
         if latents is None:
             if batch_size < 1:
                 raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            if isinstance(generator, list) and len(generator) != batch_size:
+                raise ValueError(
+                    f"generator is a list of {len(generator)} generators, but batch_size is {batch_size}: "
+                    "pass one generator per image or a single generator"
+                )
         elif latents.ndim != 2 or latents.shape[1] != cfg.latent_dim:
             raise ValueError(f"latents must have shape (B, {cfg.latent_dim}), got {tuple(latents.shape)}")
         else:
@@ -85,13 +91,20 @@ class HFGenGANPipeline(HFGenHubMixin, DiffusionPipeline):
                     f"class_labels must be one label or one per image ({batch_size}), got {len(class_labels)}"
                 )
 
-        # 2. draw z (B, latent_dim) and, for a conditional model without labels, uniform labels
+        # 2. draw z (B, latent_dim) on the generator's device (CPU by default) in float32 and, for a conditional
+        #    model without labels, uniform labels; with a generator list, image i uses generator i only
+        gen = generator[0] if isinstance(generator, list) else generator
+        noise_device = gen.device if gen is not None else torch.device("cpu")
         if latents is None:
-            latents = randn_tensor((batch_size, cfg.latent_dim), generator=generator, device=device, dtype=dtype)
+            latents = randn_tensor((batch_size, cfg.latent_dim), generator=generator, device=noise_device)
         latents = truncation * latents.to(device=device, dtype=dtype)  # (B, D)
         if num_classes and class_labels is None:
-            g = generator[0] if isinstance(generator, list) else generator
-            class_labels = torch.randint(0, num_classes, (batch_size,), generator=g, device=g.device if g else "cpu")
+            if isinstance(generator, list) and len(generator) == batch_size:
+                class_labels = torch.cat(
+                    [torch.randint(0, num_classes, (1,), generator=g, device=g.device) for g in generator]
+                )  # (B,)
+            else:
+                class_labels = torch.randint(0, num_classes, (batch_size,), generator=gen, device=noise_device)
             class_labels = class_labels.to(device)
 
         # 3. generate and post-process

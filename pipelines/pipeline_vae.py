@@ -122,7 +122,8 @@ class HFGenVAEPipeline(HFGenHubMixin, DiffusionPipeline):
         Decode latents drawn from the prior N(0, I).
 
         :param batch_size: number of images (ignored when ``latents`` are given).
-        :param generator: torch generator(s) for the prior draw.
+        :param generator: torch generator(s) for the prior draw: one, or one per image (image i then depends on
+            generator i only).
         :param latents: z (B, latent_channels, H/f, W/f) to decode instead of drawing them.
         :param output_type: "pil", "np", "pt" (images in [0, 1]) or "latent" (z itself).
         :return: ``ImagePipelineOutput(images)`` or ``(images,)``.
@@ -135,8 +136,15 @@ class HFGenVAEPipeline(HFGenHubMixin, DiffusionPipeline):
         if latents is None:
             if batch_size < 1:
                 raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-            # 2. draw from the prior
-            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.vae.dtype)
+            if isinstance(generator, list) and len(generator) != batch_size:
+                raise ValueError(
+                    f"generator is a list of {len(generator)} generators, but batch_size is {batch_size}: "
+                    "pass one generator per image or a single generator"
+                )
+            # 2. draw from the prior on the generator's device (CPU by default) in float32, one draw per generator
+            gen = generator[0] if isinstance(generator, list) else generator
+            noise_device = gen.device if gen is not None else torch.device("cpu")
+            latents = randn_tensor(shape, generator=generator, device=noise_device, dtype=torch.float32)
         elif latents.ndim != 4 or latents.shape[1] != cfg.latent_channels:
             raise ValueError(f"latents must have shape (B, {cfg.latent_channels}, h, w), got {tuple(latents.shape)}")
         latents = latents.to(device=self._execution_device, dtype=self.vae.dtype)

@@ -141,7 +141,15 @@ def load_vae(path: str):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--vae {path!r} is not a folder")
     subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
-    vae = hfgen.VAEModel.from_pretrained(path, subfolder=subfolder)
+    config_path = os.path.join(path, subfolder or "", "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"--vae {path!r} has no config.json (looked for {config_path})")
+    with open(config_path) as f:
+        class_name = json.load(f).get("_class_name")
+    classes = {"VAEModel": hfgen.VAEModel, "AutoencoderModel": hfgen.AutoencoderModel}
+    if class_name not in classes:
+        raise ValueError(f"--vae {path!r} holds a {class_name!r}; accepted: {sorted(classes)}")
+    vae = classes[class_name].from_pretrained(path, subfolder=subfolder)
     return vae.requires_grad_(False).eval()
 
 
@@ -365,7 +373,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cond_dropout", type=float, default=0.1, help="label / caption dropout for classifier-free guidance"
     )
     p.add_argument("--text_encoder", default=None, help="folder with a CLIPTextModel and CLIPTokenizer (frozen)")
-    p.add_argument("--vae", default=None, help="folder of an hfgen VAEModel: train on its latents")
+    p.add_argument("--vae", default=None, help="folder of an hfgen VAEModel or AutoencoderModel: train on its latents")
     p.add_argument("--self_cond_prob", type=float, default=0.9, help="RIN: probability of latent self-conditioning")
     p.add_argument("--gradient_checkpointing", action="store_true")
     # noise schedule and objective

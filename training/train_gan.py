@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 
 from hfgen.data import image_transform, load_image_dataset, load_mnist_npz, make_shapes_dataset
 from hfgen.gan import CLASS_CONDITIONINGS, GAN_PRESETS, GANDiscriminator, GANGenerator
+from hfgen.loading import load_ema_state, save_ema_state
 from hfgen.pipelines import HFGenGANPipeline
 
 logger = get_logger(__name__)
@@ -131,6 +133,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.d_lr = args.learning_rate if args.d_lr is None else args.d_lr
     if args.channels is None:
         args.channels = 1 if args.mnist_npz else 3
+    resume = args.resume_from_checkpoint
+    if resume not in (None, "latest") and not (
+        os.path.isdir(resume) and re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.normpath(resume)))
+    ):
+        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint-<step> folder (or 'latest')")
     return args
 
 
@@ -343,7 +350,18 @@ def main(args: argparse.Namespace) -> dict:
     G, D, g_opt, d_opt, loader, g_sched, d_sched = accelerator.prepare(G, D, g_opt, d_opt, loader, g_sched, d_sched)
     if ema is not None:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+
+        # the EMA weights travel in the checkpoint as safetensors (register_for_checkpointing would pickle them)
+        def save_ema_hook(models, weights, output_dir: str) -> None:
+            if accelerator.is_main_process:
+                save_ema_state(ema, output_dir)
+
+        def load_ema_hook(models, input_dir: str) -> None:
+            load_ema_state(ema, input_dir)
+            ema.to(accelerator.device)  # loaded on the CPU
+
+        accelerator.register_save_state_pre_hook(save_ema_hook)
+        accelerator.register_load_state_pre_hook(load_ema_hook)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers(
             "train_gan",
