@@ -14,10 +14,16 @@ from __future__ import annotations
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils.torch_utils import randn_tensor
 
+from .denoising import (
+    check_generator_list,
+    check_output_type,
+    draw_noise,
+    first_generator,
+    generator_device,
+    image_output,
+)
 from .hub import HFGenHubMixin
-from .pipeline_vae import check_output_type
 
 
 class HFGenGANPipeline(HFGenHubMixin, DiffusionPipeline):
@@ -66,11 +72,7 @@ class HFGenGANPipeline(HFGenHubMixin, DiffusionPipeline):
         if latents is None:
             if batch_size < 1:
                 raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-            if isinstance(generator, list) and len(generator) != batch_size:
-                raise ValueError(
-                    f"generator is a list of {len(generator)} generators, but batch_size is {batch_size}: "
-                    "pass one generator per image or a single generator"
-                )
+            check_generator_list(generator, batch_size)
         elif latents.ndim != 2 or latents.shape[1] != cfg.latent_dim:
             raise ValueError(f"latents must have shape (B, {cfg.latent_dim}), got {tuple(latents.shape)}")
         else:
@@ -93,10 +95,8 @@ class HFGenGANPipeline(HFGenHubMixin, DiffusionPipeline):
 
         # 2. draw z (B, latent_dim) on the generator's device (CPU by default) in float32 and, for a conditional
         #    model without labels, uniform labels; with a generator list, image i uses generator i only
-        gen = generator[0] if isinstance(generator, list) else generator
-        noise_device = gen.device if gen is not None else torch.device("cpu")
         if latents is None:
-            latents = randn_tensor((batch_size, cfg.latent_dim), generator=generator, device=noise_device)
+            latents = draw_noise((batch_size, cfg.latent_dim), generator)
         latents = truncation * latents.to(device=device, dtype=dtype)  # (B, D)
         if num_classes and class_labels is None:
             if isinstance(generator, list) and len(generator) == batch_size:
@@ -104,6 +104,7 @@ class HFGenGANPipeline(HFGenHubMixin, DiffusionPipeline):
                     [torch.randint(0, num_classes, (1,), generator=g, device=g.device) for g in generator]
                 )  # (B,)
             else:
+                gen, noise_device = first_generator(generator), generator_device(generator)
                 class_labels = torch.randint(0, num_classes, (batch_size,), generator=gen, device=noise_device)
             class_labels = class_labels.to(device)
 
@@ -113,6 +114,4 @@ class HFGenGANPipeline(HFGenHubMixin, DiffusionPipeline):
         else:
             images = self.generator(latents, class_labels).sample  # (B, C, H, W) in [-1, 1]
             images = self.image_processor.postprocess(images, output_type=output_type)
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return image_output(images, return_dict)

@@ -8,7 +8,6 @@ alpha_bar_t = ``scheduler.alphas_cumprod[t]``.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -16,13 +15,26 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from hfgen.schedulers import DDIMScheduler as HFGenDDIMScheduler
 
+from .denoising import (
+    check_callback_tensor_inputs,
+    check_generator_list,
+    check_num_inference_steps,
+    check_output_type,
+    decode_latents,
+    draw_noise,
+    guided_model_output,
+    image_output,
+    keeps_variance,
+    postprocess_images,
+    pred_original_sample,
+    step_kwargs,
+    step_pred_original_sample,
+    vae_scale_factor,
+)
 from .hub import HFGenHubMixin
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
@@ -69,10 +81,7 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
     @property
     def image_size(self) -> int:
         """Side of the output images: the denoiser's sample_size, times the VAE's downsampling 2**(levels - 1)."""
-        size = self.denoiser.config.sample_size
-        if self.vae is not None:
-            size *= 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return size
+        return self.denoiser.config.sample_size * vae_scale_factor(self.vae)
 
     # --- helpers shared by __call__ and invert --------------------------------------------------------------------
 
@@ -90,20 +99,10 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
         """Raise on bad arguments; return (labels (B,) long or None, guidance scale with its default filled in)."""
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"generator is a list of {len(generator)} generators, but batch_size is {batch_size}: "
-                "pass one generator per image or a single generator"
-            )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs has unknown names {unknown}; accepted: {self._callback_tensor_inputs}"
-            )
+        check_num_inference_steps(num_inference_steps)
+        check_generator_list(generator, batch_size)
+        check_output_type(output_type)
+        check_callback_tensor_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         expected = (batch_size, *self.latent_shape)
         if latents is not None and tuple(latents.shape) != expected:
             raise ValueError(f"latents must have shape {expected} (batch_size, C, H, W), got {tuple(latents.shape)}")
@@ -161,76 +160,28 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
         :param prev_latents: RIN's latents of the previous step ((2B, N, D) under guidance), or None.
         :param keep_variance: pass the variance half of a learned-sigma output on (scheduler variance_type learned).
         """
-        B, C = latents.shape[:2]
+        B = latents.shape[0]
         cfg = self.denoiser.config
-        do_cfg = guidance_scale > 1.0
 
-        # 1. labels: [cond; null] under guidance, the null label for unconditional sampling of a conditional model
+        # labels: [cond; null] under guidance, the null label for unconditional sampling of a conditional model
         if labels is None and cfg.num_classes is not None:
             labels = torch.full((B,), cfg.num_classes, dtype=torch.long)
-        if do_cfg:
+        if guidance_scale > 1.0:
             labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])  # (2B,)
-        model_input = torch.cat([latents] * 2) if do_cfg else latents  # (2B or B, C, H, W)
-        model_input = self.scheduler.scale_model_input(model_input, t)
-
-        # 2. one forward pass (RIN carries its latents from step to step)
-        kwargs = {"prev_latents": prev_latents} if getattr(self.denoiser, "self_conditioning", False) else {}
-        out = self.denoiser(
-            model_input.to(self.denoiser.dtype),
+        return guided_model_output(
+            self.denoiser,
+            self.scheduler,
+            latents,
             t,
-            class_labels=None if labels is None else labels.to(model_input.device),
-            **kwargs,
+            guidance_scale,
+            keep_variance,
+            prev_latents,
+            class_labels=None if labels is None else labels.to(latents.device),
         )
-        new_prev_latents = out.latents if kwargs else None
-        model_output = out.sample.to(latents.dtype)  # (2B or B, C or 2C, H, W)
-        if model_output.shape[1] not in (C, 2 * C):
-            raise ValueError(
-                f"the denoiser returned {model_output.shape[1]} channels; expected {C} or {2 * C} (learned sigma)"
-            )
-
-        # 3. guidance on the prediction over all its channels: eps = eps_u + s (eps_c - eps_u);
-        #    a learned variance half stays conditional
-        pred, var = model_output[:, :C], model_output[:, C:]
-        if do_cfg:
-            pred_cond, pred_uncond = pred.chunk(2)
-            pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)  # (B, C, H, W)
-            var = var.chunk(2)[0]
-        if var.shape[1] and keep_variance:
-            return torch.cat([pred, var], dim=1), new_prev_latents  # (B, 2C, H, W)
-        return pred, new_prev_latents
 
     def _pred_original_sample(self, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """x_0 hat from the model output at x_t for schedulers whose step does not return it (DDPM eq. 4 inverted)."""
-        alphas_cumprod = getattr(self.scheduler, "alphas_cumprod", None)
-        if alphas_cumprod is None:
-            raise ValueError(
-                f"{type(self.scheduler).__name__} returns no pred_original_sample and has no alphas_cumprod; "
-                "drop 'pred_original_sample' from callback_on_step_end_tensor_inputs"
-            )
-        C = sample.shape[1]
-        pred = model_output[:, :C]
-        a = alphas_cumprod[int(t)].to(sample.device, torch.float32)
-        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
-        if prediction_type == "epsilon":
-            x0 = (sample - (1 - a).sqrt() * pred) / a.sqrt()
-        elif prediction_type == "v_prediction":
-            x0 = a.sqrt() * sample - (1 - a).sqrt() * pred
-        else:
-            x0 = pred
-        return x0.to(sample.dtype)
-
-    def _step_kwargs(self, generator, eta: float) -> dict[str, Any]:
-        """eta and generator for schedulers whose ``step`` accepts them (as diffusers does)."""
-        params = inspect.signature(self.scheduler.step).parameters
-        kwargs = {}
-        if "eta" in params:
-            kwargs["eta"] = eta
-        if "generator" in params:
-            kwargs["generator"] = generator
-        return kwargs
-
-    def _keep_variance(self) -> bool:
-        return self.scheduler.config.get("variance_type", None) in ("learned", "learned_range")
+        return pred_original_sample(self.scheduler, model_output, t, sample)
 
     # --- sampling -------------------------------------------------------------------------------------------------
 
@@ -280,9 +231,7 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
 
         # 2. noise x_T: drawn on the generator's device (CPU by default) in float32, one draw per generator
         if latents is None:
-            gen = generator[0] if isinstance(generator, list) else generator
-            noise_device = gen.device if gen is not None else torch.device("cpu")
-            latents = randn_tensor((batch_size, *self.latent_shape), generator=generator, device=noise_device)
+            latents = draw_noise((batch_size, *self.latent_shape), generator)
         latents = latents.to(device=device, dtype=torch.float32)
 
         # 3. timesteps; schedulers that scale x (Euler) start from sigma_max
@@ -290,8 +239,8 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         latents = latents * self.scheduler.init_noise_sigma
-        step_kwargs = self._step_kwargs(generator, eta)
-        keep_variance = self._keep_variance()
+        extra_step_kwargs = step_kwargs(self.scheduler, generator, eta)
+        keep_variance = keeps_variance(self.scheduler)
 
         # 4. denoising loop: model, then scheduler.step
         prev_latents = None
@@ -299,40 +248,26 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
             model_output, prev_latents = self._model_output(
                 latents, t, labels, guidance_scale, prev_latents, keep_variance
             )
-            step = self.scheduler.step(model_output, t, latents, **step_kwargs)
+            step = self.scheduler.step(model_output, t, latents, **extra_step_kwargs)
             if callback_on_step_end is not None:
                 callback_kwargs = {"latents": step.prev_sample}
                 if "pred_original_sample" in callback_on_step_end_tensor_inputs:
-                    pred_x0 = getattr(step, "pred_original_sample", None)
-                    if pred_x0 is None:
-                        pred_x0 = self._pred_original_sample(model_output, t, latents)
-                    callback_kwargs["pred_original_sample"] = pred_x0
+                    callback_kwargs["pred_original_sample"] = step_pred_original_sample(
+                        self.scheduler, step, model_output, t, latents
+                    )
                 callback_kwargs = {k: callback_kwargs[k] for k in callback_on_step_end_tensor_inputs}
                 outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                 latents = outputs.get("latents", step.prev_sample)
             else:
                 latents = step.prev_sample
 
-        # 5. decode latents to images in [-1, 1]
-        if output_type == "latent":
-            images = latents
-        else:
-            images = latents
-            if self.vae is not None:
-                scaling = self.vae.config.scaling_factor
-                images = self.vae.decode((latents / scaling).to(self.vae.dtype)).sample.float()  # (B, 3, H', W')
-
-            # 6. post-process to [0, 1] and the requested type
-            images = (images / 2 + 0.5).clamp(0, 1)
-            if output_type != "pt":
-                images = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
+        # 5. decode latents to images in [-1, 1], post-process to [0, 1] and the requested type
+        images = latents
+        if output_type != "latent":
+            images = postprocess_images(decode_latents(self.vae, latents), output_type)
 
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return image_output(images, return_dict)
 
     # --- inversion ------------------------------------------------------------------------------------------------
 

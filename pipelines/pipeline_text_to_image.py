@@ -10,20 +10,30 @@ eps_hat = eps(x_t, c_null) + s (eps(x_t, c) - eps(x_t, c_null)) (Ho & Salimans 2
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from hfgen.clip import tokenize
 
+from .denoising import (
+    check_callback_tensor_inputs,
+    check_num_inference_steps,
+    check_output_type,
+    decode_latents,
+    draw_noise,
+    guided_model_output,
+    image_output,
+    keeps_variance,
+    postprocess_images,
+    step_kwargs,
+    step_pred_original_sample,
+    vae_scale_factor,
+)
 from .hub import HFGenHubMixin
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
@@ -81,9 +91,7 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
     @property
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel: 2**(levels - 1) of the VAE, 1 without one."""
-        if self.vae is None:
-            return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
 
     @property
     def max_text_length(self) -> int:
@@ -217,8 +225,7 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
             )
 
         # 3. numbers
-        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+        check_num_inference_steps(num_inference_steps)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
         if guidance_scale < 1.0:
@@ -247,24 +254,9 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
                 f"generator is a list of {len(generator)} generators, but {num_images} images are asked for "
                 f"({batch_size} prompts x {num_images_per_prompt}): pass one per image or a single generator"
             )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs has unknown names {unknown}; accepted: {self._callback_tensor_inputs}"
-            )
+        check_output_type(output_type)
+        check_callback_tensor_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         return batch_size
-
-    def _step_kwargs(self, generator, eta: float) -> dict[str, Any]:
-        """eta and generator for schedulers whose ``step`` accepts them (as diffusers does)."""
-        params = inspect.signature(self.scheduler.step).parameters
-        kwargs = {}
-        if "eta" in params:
-            kwargs["eta"] = eta
-        if "generator" in params:
-            kwargs["generator"] = generator
-        return kwargs
 
     # --- sampling -------------------------------------------------------------------------------------------------
 
@@ -304,7 +296,8 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
         :param eta: DDIM noise (passed only to schedulers whose ``step`` takes it).
         :param output_type: "pil", "np" ((B, H, W, C) in [0, 1]), "pt" ((B, C, H, W) in [0, 1]) or "latent".
         :param callback_on_step_end: ``fn(pipe, i, t, callback_kwargs)`` after each step with the tensors named in
-            ``callback_on_step_end_tensor_inputs`` ("latents", "pred_original_sample", "prompt_embeds",
+            ``callback_on_step_end_tensor_inputs`` ("latents", "pred_original_sample" (x_0 hat, from
+            ``alphas_cumprod`` for schedulers whose step does not return it), "prompt_embeds",
             "negative_prompt_embeds"); a returned dict with "latents" / "prompt_embeds" /
             "negative_prompt_embeds" replaces them.
         """
@@ -358,9 +351,7 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
         C = self.denoiser.config.in_channels
         shape = (num_images, C, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
-            gen = generator[0] if isinstance(generator, list) else generator
-            noise_device = gen.device if gen is not None else torch.device("cpu")
-            latents = randn_tensor(shape, generator=generator, device=noise_device)
+            latents = draw_noise(shape, generator)
         latents = latents.to(device=device, dtype=torch.float32)
 
         # 4. timesteps; schedulers that scale x (Euler) start from sigma_max
@@ -368,81 +359,51 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         latents = latents * self.scheduler.init_noise_sigma
-        step_kwargs = self._step_kwargs(generator, eta)
-        keep_variance = self.scheduler.config.get("variance_type", None) in ("learned", "learned_range")
-        self_conditioning = getattr(self.denoiser, "self_conditioning", False)
+        extra_step_kwargs = step_kwargs(self.scheduler, generator, eta)
+        keep_variance = keeps_variance(self.scheduler)
 
         # 5. denoising loop: model (one pass on [cond; uncond] under guidance), guidance, scheduler.step
         prev_latents = None
         for i, t in enumerate(self.progress_bar(timesteps)):
             do_cfg = self.do_classifier_free_guidance
             text = torch.cat([prompt_embeds, negative_prompt_embeds]) if do_cfg else prompt_embeds  # (2B or B, L, D)
-            model_input = torch.cat([latents] * 2) if do_cfg else latents  # (2B or B, C, H, W)
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            kwargs = {"prev_latents": prev_latents} if self_conditioning else {}
-            out = self.denoiser(
-                model_input.to(self.denoiser.dtype),
+            model_output, prev_latents = guided_model_output(
+                self.denoiser,
+                self.scheduler,
+                latents,
                 t,
+                self.guidance_scale,
+                keep_variance,
+                prev_latents,
                 encoder_hidden_states=text.to(self.denoiser.dtype),
                 encoder_attention_mask=encoder_attention_mask,
-                **kwargs,
             )
-            prev_latents = out.latents if self_conditioning else None  # RIN: latents carried to the next step
-            model_output = out.sample.to(latents.dtype)  # (2B or B, C or 2C, H, W)
-            if model_output.shape[1] not in (C, 2 * C):
-                raise ValueError(
-                    f"the denoiser returned {model_output.shape[1]} channels; expected {C} or {2 * C} (learned sigma)"
-                )
-
-            # guidance on the prediction: eps = eps_u + s (eps_c - eps_u); a learned variance half stays conditional
-            pred, var = model_output[:, :C], model_output[:, C:]
-            if do_cfg:
-                pred_cond, pred_uncond = pred.chunk(2)
-                pred = pred_uncond + self.guidance_scale * (pred_cond - pred_uncond)  # (B, C, H, W)
-                var = var.chunk(2)[0]
-            model_output = torch.cat([pred, var], dim=1) if var.shape[1] and keep_variance else pred
-
-            step = self.scheduler.step(model_output, t, latents, **step_kwargs)
-            latents = step.prev_sample
+            step = self.scheduler.step(model_output, t, latents, **extra_step_kwargs)
             if callback_on_step_end is not None:
-                pred_x0 = getattr(step, "pred_original_sample", None)
-                if "pred_original_sample" in callback_on_step_end_tensor_inputs and pred_x0 is None:
-                    raise ValueError(
-                        f"{type(self.scheduler).__name__}.step returns no pred_original_sample; "
-                        "drop it from callback_on_step_end_tensor_inputs"
-                    )
                 tensors = {
-                    "latents": latents,
-                    "pred_original_sample": pred_x0,
+                    "latents": step.prev_sample,
                     "prompt_embeds": prompt_embeds,
                     "negative_prompt_embeds": negative_prompt_embeds,
                 }
+                if "pred_original_sample" in callback_on_step_end_tensor_inputs:
+                    tensors["pred_original_sample"] = step_pred_original_sample(
+                        self.scheduler, step, model_output, t, latents
+                    )
                 callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                 outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                latents = outputs.get("latents", latents)
+                latents = outputs.get("latents", step.prev_sample)
                 prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
                 negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
+            else:
+                latents = step.prev_sample
 
-        # 6. decode latents to images in [-1, 1]
-        if output_type == "latent":
-            images = latents
-        else:
-            images = latents
-            if self.vae is not None:
-                scaling = self.vae.config.scaling_factor
-                images = self.vae.decode((latents / scaling).to(self.vae.dtype)).sample.float()  # (B, 3, H', W')
-
-            # 7. post-process to [0, 1] and the requested type
-            images = (images / 2 + 0.5).clamp(0, 1)
-            if output_type != "pt":
-                images = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
+        # 6. decode latents to images in [-1, 1], post-process to [0, 1] and the requested type
+        images = latents
+        if output_type != "latent":
+            images = postprocess_images(decode_latents(self.vae, latents), output_type)
 
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return image_output(images, return_dict)
 
     # --- model card -------------------------------------------------------------------------------------------------
 

@@ -15,19 +15,13 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils.torch_utils import randn_tensor
 
+from .denoising import check_generator_list, check_output_type, draw_noise, image_output, vae_scale_factor
 from .hub import HFGenHubMixin
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 INTERPOLATION_METHODS = ("linear", "slerp")
 
 ImageInput = PIL.Image.Image | list | np.ndarray | torch.Tensor
-
-
-def check_output_type(output_type: str) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
 
 def images_to_tensor(images: ImageInput, channels: int) -> torch.Tensor:
@@ -86,7 +80,7 @@ class HFGenVAEPipeline(HFGenHubMixin, DiffusionPipeline):
     def __init__(self, vae):
         super().__init__()
         self.register_modules(vae=vae)
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        f = vae_scale_factor(self.vae)
         self.vae_scale_factor = f
         self.image_processor = VaeImageProcessor(vae_scale_factor=f, do_resize=False)
 
@@ -99,9 +93,7 @@ class HFGenVAEPipeline(HFGenHubMixin, DiffusionPipeline):
         else:
             images = self.vae.decode(z).sample.clamp(-1, 1)  # (B, C, H, W)
             images = self.image_processor.postprocess(images, output_type=output_type)
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return image_output(images, return_dict)
 
     def _encode(self, images: ImageInput, generator: torch.Generator | None, sample_posterior: bool) -> torch.Tensor:
         x = images_to_tensor(images, self.vae.config.in_channels)
@@ -136,15 +128,9 @@ class HFGenVAEPipeline(HFGenHubMixin, DiffusionPipeline):
         if latents is None:
             if batch_size < 1:
                 raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-            if isinstance(generator, list) and len(generator) != batch_size:
-                raise ValueError(
-                    f"generator is a list of {len(generator)} generators, but batch_size is {batch_size}: "
-                    "pass one generator per image or a single generator"
-                )
+            check_generator_list(generator, batch_size)
             # 2. draw from the prior on the generator's device (CPU by default) in float32, one draw per generator
-            gen = generator[0] if isinstance(generator, list) else generator
-            noise_device = gen.device if gen is not None else torch.device("cpu")
-            latents = randn_tensor(shape, generator=generator, device=noise_device, dtype=torch.float32)
+            latents = draw_noise(shape, generator, dtype=torch.float32)
         elif latents.ndim != 4 or latents.shape[1] != cfg.latent_channels:
             raise ValueError(f"latents must have shape (B, {cfg.latent_channels}, h, w), got {tuple(latents.shape)}")
         latents = latents.to(device=self._execution_device, dtype=self.vae.dtype)

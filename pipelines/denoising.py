@@ -1,0 +1,232 @@
+"""
+Small functions shared by hfgen's pipelines (installed as ``hfgen.pipelines.denoising``): argument checks, noise
+drawing, one guided denoiser evaluation, x_0 hat for callbacks, VAE decoding and output post-processing.
+
+Each pipeline's ``__call__`` stays one linear loop (check inputs, prepare noise, ``set_timesteps``, loop: model then
+``scheduler.step``, decode, post-process); these functions are the steps of that loop that are the same everywhere.
+
+Paper symbols: x_t = ``latents`` / ``sample`` (B, C, H, W), x_0 hat = ``pred_original_sample``,
+s = ``guidance_scale``, alpha_bar_t = ``scheduler.alphas_cumprod[t]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_output_type(output_type: str) -> None:
+    """Raise unless ``output_type`` is one of ``OUTPUT_TYPES``."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
+def check_num_inference_steps(num_inference_steps: int) -> None:
+    """Raise unless ``num_inference_steps`` is an int >= 1 (bools refused)."""
+    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+
+
+def check_generator_list(generator, batch_size: int) -> None:
+    """Raise when ``generator`` is a list whose length is not ``batch_size`` (one generator per image)."""
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(
+            f"generator is a list of {len(generator)} generators, but batch_size is {batch_size}: "
+            "pass one generator per image or a single generator"
+        )
+
+
+def check_callback_tensor_inputs(names: list[str] | None, accepted: list[str]) -> None:
+    """Raise when ``callback_on_step_end_tensor_inputs`` names a tensor the pipeline does not pass."""
+    unknown = [k for k in names or [] if k not in accepted]
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs has unknown names {unknown}; accepted: {accepted}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Noise
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def first_generator(generator: torch.Generator | list[torch.Generator] | None) -> torch.Generator | None:
+    """The generator itself, or the first of a list (for draws that take a single generator)."""
+    return generator[0] if isinstance(generator, list) else generator
+
+
+def generator_device(generator: torch.Generator | list[torch.Generator] | None) -> torch.device:
+    """The device random draws happen on: the (first) generator's, CPU without one."""
+    gen = first_generator(generator)
+    return gen.device if gen is not None else torch.device("cpu")
+
+
+def draw_noise(
+    shape: tuple[int, ...],
+    generator: torch.Generator | list[torch.Generator] | None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """
+    N(0, I) noise of ``shape`` (torch's default dtype, float32, unless ``dtype``), drawn on the generator's device
+    (CPU by default) so that results do not depend on the execution device; with a generator list, row i is drawn
+    from generator i only.
+    """
+    return randn_tensor(shape, generator=generator, device=generator_device(generator), dtype=dtype)
+
+
+def vae_scale_factor(vae) -> int:
+    """Image pixels per latent pixel: 2**(levels - 1) of the VAE (``config.block_out_channels``), 1 without one."""
+    if vae is None:
+        return 1
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One denoising step: model output with guidance, scheduler.step arguments, x_0 hat
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def keeps_variance(scheduler) -> bool:
+    """Whether ``scheduler.step`` takes the learned variance half of a learned-sigma output (variance_type learned)."""
+    return scheduler.config.get("variance_type", None) in ("learned", "learned_range")
+
+
+def step_kwargs(scheduler, generator, eta: float) -> dict[str, Any]:
+    """``eta`` and ``generator`` for schedulers whose ``step`` accepts them (as diffusers does)."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def guided_model_output(
+    denoiser,
+    scheduler,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    guidance_scale: float,
+    keep_variance: bool,
+    prev_latents: torch.Tensor | None,
+    **conditioning,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    One denoiser evaluation at x_t with classifier-free guidance: (model output for ``scheduler.step``, RIN latents).
+
+    Under guidance (s > 1) the denoiser sees [x_t; x_t] with ``conditioning`` already stacked as [cond; uncond], and
+    eps_hat = eps_u + s (eps_c - eps_u) over all channels of the prediction; a learned variance half stays
+    conditional and is passed on only when ``keep_variance``.
+
+    :param latents: x_t (B, C, H, W).
+    :param guidance_scale: s >= 1; 1 = one pass on the conditional inputs.
+    :param keep_variance: pass the variance half of a learned-sigma output on (see ``keeps_variance``).
+    :param prev_latents: RIN's latents of the previous step ((2B, N, D) under guidance), or None; denoisers without
+        ``self_conditioning`` never get them and return None in their place.
+    :param conditioning: keyword inputs of the denoiser ((2B or B) rows: ``class_labels`` or
+        ``encoder_hidden_states`` and ``encoder_attention_mask``).
+    :return: model output (B, C or 2C, H, W) and the latents to carry to the next step.
+    """
+    C = latents.shape[1]
+    do_cfg = guidance_scale > 1.0
+
+    # 1. one forward pass (RIN carries its latents from step to step)
+    model_input = torch.cat([latents] * 2) if do_cfg else latents  # (2B or B, C, H, W)
+    model_input = scheduler.scale_model_input(model_input, t)
+    self_conditioning = getattr(denoiser, "self_conditioning", False)
+    kwargs = {"prev_latents": prev_latents} if self_conditioning else {}
+    out = denoiser(model_input.to(denoiser.dtype), t, **conditioning, **kwargs)
+    new_prev_latents = out.latents if self_conditioning else None
+    model_output = out.sample.to(latents.dtype)  # (2B or B, C or 2C, H, W)
+    if model_output.shape[1] not in (C, 2 * C):
+        raise ValueError(
+            f"the denoiser returned {model_output.shape[1]} channels; expected {C} or {2 * C} (learned sigma)"
+        )
+
+    # 2. guidance on the prediction over all its channels: eps = eps_u + s (eps_c - eps_u);
+    #    a learned variance half stays conditional
+    pred, var = model_output[:, :C], model_output[:, C:]
+    if do_cfg:
+        pred_cond, pred_uncond = pred.chunk(2)
+        pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)  # (B, C, H, W)
+        var = var.chunk(2)[0]
+    if var.shape[1] and keep_variance:
+        return torch.cat([pred, var], dim=1), new_prev_latents  # (B, 2C, H, W)
+    return pred, new_prev_latents
+
+
+def pred_original_sample(scheduler, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """
+    x_0 hat from the model output at x_t (B, C, H, W), for schedulers whose step does not return it (DDPM eq. 4
+    inverted with ``scheduler.alphas_cumprod`` and ``config.prediction_type``).
+    """
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    if alphas_cumprod is None:
+        raise ValueError(
+            f"{type(scheduler).__name__} returns no pred_original_sample and has no alphas_cumprod; "
+            "drop 'pred_original_sample' from callback_on_step_end_tensor_inputs"
+        )
+    C = sample.shape[1]
+    pred = model_output[:, :C]
+    a = alphas_cumprod[int(t)].to(sample.device, torch.float32)
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type == "epsilon":
+        x0 = (sample - (1 - a).sqrt() * pred) / a.sqrt()
+    elif prediction_type == "v_prediction":
+        x0 = a.sqrt() * sample - (1 - a).sqrt() * pred
+    else:
+        x0 = pred
+    return x0.to(sample.dtype)
+
+
+def step_pred_original_sample(
+    scheduler, step_output, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor
+) -> torch.Tensor:
+    """x_0 hat of one step: the scheduler's ``step_output.pred_original_sample``, else ``pred_original_sample``."""
+    x0 = getattr(step_output, "pred_original_sample", None)
+    return x0 if x0 is not None else pred_original_sample(scheduler, model_output, t, sample)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decode and post-process
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """x_0 as the denoiser sees it -> float images (B, C', H', W') in [-1, 1]: VAE decode of z / scaling_factor."""
+    if vae is None:
+        return latents
+    scaling = vae.config.scaling_factor
+    return vae.decode((latents / scaling).to(vae.dtype)).sample.float()  # (B, 3, H', W')
+
+
+def postprocess_images(images: torch.Tensor, output_type: str) -> torch.Tensor | np.ndarray | list[PIL.Image.Image]:
+    """
+    Images (B, C, H, W) in [-1, 1] -> [0, 1] as "pt" (B, C, H, W), "np" (B, H, W, C) or "pil" (a list of images).
+    """
+    images = (images / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return images
+    images = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
+    if output_type == "pil":
+        return DiffusionPipeline.numpy_to_pil(images)
+    return images
+
+
+def image_output(images, return_dict: bool) -> ImagePipelineOutput | tuple:
+    """``ImagePipelineOutput(images)``, or ``(images,)`` when not ``return_dict`` (as every diffusers pipeline)."""
+    if not return_dict:
+        return (images,)
+    return ImagePipelineOutput(images=images)
