@@ -20,8 +20,6 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -43,8 +41,15 @@ from hfgen.clip import (
     train_clip_tokenizer,
     zero_shot_classify,
 )
-from hfgen.data import COLORS, SHAPE_PAIRS, SHAPES, load_image_dataset, make_shapes_dataset
-from hfgen.loading import load_ema_state, save_ema_state
+from hfgen.data import COLORS, SHAPE_PAIRS, SHAPES, make_shapes_dataset
+from hfgen.training_utils import (
+    attach_ema,
+    check_resume_arg,
+    load_checkpoint,
+    load_train_dataset,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 
 logger = get_logger(__name__)
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -118,11 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
     if args.resolution % args.patch_size:
         raise ValueError(f"--resolution ({args.resolution}) must be divisible by --patch_size ({args.patch_size})")
-    resume = args.resume_from_checkpoint
-    if resume not in (None, "latest") and not (
-        os.path.isdir(resume) and re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.normpath(resume)))
-    ):
-        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint-<step> folder (or 'latest')")
+    check_resume_arg(args.resume_from_checkpoint)
     return args
 
 
@@ -145,19 +146,10 @@ def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
 
 def load_data(args) -> tuple:
     """(train set, held-out set or None, class names or None, templates) with columns image / text (/ label)."""
+    dataset = load_train_dataset(args, args.num_shapes, args.caption_column, args.label_column)
     if args.dataset_name is None and args.train_data_dir is None:
-        train = make_shapes_dataset(num_images=args.num_shapes, image_size=args.resolution, seed=args.seed)
         held_out = make_shapes_dataset(num_images=args.num_eval_images, image_size=args.resolution, seed=args.eval_seed)
-        return train, held_out, [f"{c} {s}" for c, s in SHAPE_PAIRS], ("a {}",)
-    dataset = load_image_dataset(
-        dataset_name=args.dataset_name,
-        train_data_dir=args.train_data_dir,
-        dataset_config_name=args.dataset_config_name,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        label_column=args.label_column,
-        cache_dir=args.cache_dir,
-    )
+        return dataset, held_out, [f"{c} {s}" for c, s in SHAPE_PAIRS], ("a {}",)
     if args.label_column is None or args.num_eval_images == 0:
         return dataset, None, None, ()
     split = dataset.train_test_split(test_size=args.num_eval_images, seed=args.seed)
@@ -223,28 +215,6 @@ def save_image_processor_config(folder: str | os.PathLike, image_size: int) -> N
     Path(folder, "preprocessor_config.json").write_text(json.dumps(config, indent=2))
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    if not os.path.isdir(output_dir):
-        return None
-    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d[11:].isdigit()]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
-def save_checkpoint(accelerator: Accelerator, args, step: int) -> None:
-    """Write ``checkpoint-<step>`` to a temporary folder, rename it, then keep the newest ``checkpoints_total_limit``."""
-    final = os.path.join(args.output_dir, f"checkpoint-{step}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if args.checkpoints_total_limit is not None:
-        steps = sorted(int(d.split("-")[1]) for d in os.listdir(args.output_dir) if d[11:].isdigit())
-        for old in steps[: max(0, len(steps) - args.checkpoints_total_limit)]:
-            shutil.rmtree(os.path.join(args.output_dir, f"checkpoint-{old}"))
-    logger.info(f"saved {final}")
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------------
@@ -263,6 +233,7 @@ def main(args: argparse.Namespace) -> dict:
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        remove_partial_checkpoints(args.output_dir)  # left by a kill during a write
 
     # 1. data
     train_set, held_out, class_names, templates = load_data(args)
@@ -337,40 +308,14 @@ def main(args: argparse.Namespace) -> dict:
     )
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     if ema is not None:
-        ema.to(accelerator.device)
-
-        # the EMA weights travel in the checkpoint as safetensors (register_for_checkpointing would pickle them)
-        def save_ema_hook(models, weights, output_dir: str) -> None:
-            if accelerator.is_main_process:
-                save_ema_state(ema, output_dir)
-
-        def load_ema_hook(models, input_dir: str) -> None:
-            load_ema_state(ema, input_dir)
-            ema.to(accelerator.device)  # loaded on the CPU
-
-        accelerator.register_save_state_pre_hook(save_ema_hook)
-        accelerator.register_load_state_pre_hook(load_ema_hook)
+        attach_ema(accelerator, ema)  # on the device, saved in the checkpoints as safetensors
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("train_clip", config={k: v for k, v in vars(args).items() if v is not None})
 
     # 5. resume
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = (
-            latest_checkpoint(args.output_dir)
-            if args.resume_from_checkpoint == "latest"
-            else args.resume_from_checkpoint
-        )
-        if path is None:
-            logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
-        elif not os.path.isdir(path):
-            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder")
-        else:
-            accelerator.load_state(path)
-            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
-            first_epoch = global_step // steps_per_epoch
-            resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-            logger.info(f"resumed from {path} at step {global_step}")
+    global_step = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
+    first_epoch = global_step // steps_per_epoch
+    resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     # 6. loop
     logger.info(f"{len(train_set)} pairs, {max_train_steps} steps of batch {args.train_batch_size}")
@@ -412,8 +357,8 @@ def main(args: argparse.Namespace) -> dict:
             }
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-                save_checkpoint(accelerator, args, global_step)
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:

@@ -22,9 +22,6 @@ import inspect
 import json
 import math
 import os
-import re
-import shutil
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,9 +35,17 @@ from tqdm.auto import tqdm
 
 import hfgen
 from hfgen.clip import tokenize
-from hfgen.data import image_transform, load_image_dataset, load_mnist_npz, make_shapes_dataset
-from hfgen.loading import load_ema_state, save_ema_state
+from hfgen.data import image_transform
 from hfgen.schedulers import DDIMScheduler, DDPMScheduler
+from hfgen.training_utils import (
+    all_finite,
+    attach_ema,
+    load_checkpoint,
+    load_train_dataset,
+    remove_partial_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
 
 logger = get_logger(__name__)
 
@@ -52,7 +57,6 @@ MODELS = ("unet", "dit", "rin")
 DEFAULT_PRESETS = {"unet": "unet-small", "dit": "DiT-mini/4", "rin": "RIN-small"}  # train on a CPU in minutes
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def model_family(name: str) -> tuple[type, dict[str, dict]]:
@@ -162,22 +166,8 @@ def load_training_data(args):
     """The training set as a ``datasets.Dataset`` with ``image`` and, as the conditioning needs, ``label``/``text``."""
     caption = args.caption_column if args.conditioning == "text" else None
     label = args.label_column if args.conditioning == "class" else None
-    if args.dataset_name or args.train_data_dir:
-        return load_image_dataset(
-            dataset_name=args.dataset_name,
-            train_data_dir=args.train_data_dir,
-            dataset_config_name=args.dataset_config_name,
-            image_column=args.image_column,
-            caption_column=caption,
-            label_column=label,
-            cache_dir=args.cache_dir,
-        )
-    if args.mnist_npz:
-        return load_mnist_npz(args.mnist_npz, "train")
     exclude = [tuple(pair.partition(" ")[::2]) for pair in args.shapes_exclude] if args.shapes_exclude else None
-    return make_shapes_dataset(
-        num_images=args.shapes_num_images, image_size=args.resolution, seed=args.seed, exclude_pairs=exclude
-    )
+    return load_train_dataset(args, args.shapes_num_images, caption, label, exclude)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -269,65 +259,8 @@ def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: fl
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Helpers: checkpoints, pipelines, images
+# Helpers: pipelines, images
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of the complete checkpoints, oldest first (temp folders of an interrupted write never match)."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = [
-        (int(m.group(1)), os.path.join(output_dir, d))
-        for d in os.listdir(output_dir)
-        if (m := CHECKPOINT_RE.match(d)) and os.path.isdir(os.path.join(output_dir, d))
-    ]
-    return sorted(found)
-
-
-def resolve_resume(args) -> tuple[str | None, int]:
-    """The checkpoint to resume from and its step; ``latest`` with no checkpoint means a fresh start."""
-    if args.resume_from_checkpoint is None:
-        return None, 0
-    if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(args.output_dir)
-        return (found[-1][1], found[-1][0]) if found else (None, 0)
-    path = args.resume_from_checkpoint
-    m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
-    if not os.path.isdir(path) or not m:
-        raise ValueError(
-            f"--resume_from_checkpoint {path!r} is not a checkpoint-<step> folder "
-            f"(or 'latest'); found {[p for _, p in list_checkpoints(args.output_dir)]}"
-        )
-    return path, int(m.group(1))
-
-
-def all_finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def save_checkpoint(accelerator, args, step: int, model, ema) -> None:
-    """``accelerator.save_state`` into a temp folder, then an atomic rename to ``checkpoint-<step>`` and pruning."""
-    params = list(accelerator.unwrap_model(model).parameters()) + (list(ema.shadow_params) if ema else [])
-    if not all_finite(params):
-        raise RuntimeError(f"refusing to write checkpoint-{step}: the weights hold NaN or inf")
-    final = os.path.join(args.output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if args.checkpoints_total_limit is not None:
-            for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-                doomed = os.path.join(args.output_dir, ".deleting-" + os.path.basename(old))
-                os.replace(old, doomed)  # never leave a half-deleted checkpoint-<step>
-                shutil.rmtree(doomed)
-    accelerator.wait_for_everyone()
 
 
 def build_pipeline(args, denoiser, sample_scheduler, vae, text_encoder, tokenizer):
@@ -498,7 +431,7 @@ def check_args(args: argparse.Namespace) -> None:
         except ValueError as error:
             raise ValueError(f'--shapes_exclude {pair!r} is not a "color shape" pair: {error}') from None
     if args.resume_from_checkpoint not in (None, "latest"):
-        resolve_resume(args)
+        resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
     model_family(args.model)
@@ -523,9 +456,7 @@ def main(args: argparse.Namespace) -> None:
     device = accelerator.device
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        for stale in Path(args.output_dir).glob(".tmp-checkpoint-*"):  # left by a kill during a write
-            shutil.rmtree(stale)
-    resume_path, resume_step = resolve_resume(args)
+        remove_partial_checkpoints(args.output_dir)  # left by a kill during a write
 
     # 1. data and the frozen encoders
     dataset = load_training_data(args)
@@ -624,19 +555,7 @@ def main(args: argparse.Namespace) -> None:
             model_cls=type(model),
             model_config=model.config,
         )
-        ema.to(device)
-
-        # the EMA weights travel in the checkpoint as safetensors (register_for_checkpointing would pickle them)
-        def save_ema_hook(models, weights, output_dir: str) -> None:
-            if accelerator.is_main_process:
-                save_ema_state(ema, output_dir)
-
-        def load_ema_hook(models, input_dir: str) -> None:
-            load_ema_state(ema, input_dir)
-            ema.to(device)  # loaded on the CPU
-
-        accelerator.register_save_state_pre_hook(save_ema_hook)
-        accelerator.register_load_state_pre_hook(load_ema_hook)
+        attach_ema(accelerator, ema)  # on the device, saved in the checkpoints as safetensors
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
@@ -645,11 +564,7 @@ def main(args: argparse.Namespace) -> None:
         vae.to(device, dtype=weight_dtype)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
-    global_step = 0
-    if resume_path is not None:
-        accelerator.load_state(resume_path)
-        global_step = resume_step
-        logger.info(f"resumed from {resume_path} at step {global_step}")
+    global_step = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
     if accelerator.is_main_process and args.report_to != "none":
@@ -786,7 +701,8 @@ def main(args: argparse.Namespace) -> None:
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, global_step, model, ema)
+                weights = list(accelerator.unwrap_model(model).parameters()) + (list(ema.shadow_params) if ema else [])
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, weights)
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 validate(global_step)
             if global_step >= max_train_steps:

@@ -27,12 +27,9 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -42,10 +39,18 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from hfgen.data import image_transform, load_image_dataset, load_mnist_npz, make_shapes_dataset
+from hfgen.data import image_transform
 from hfgen.gan import CLASS_CONDITIONINGS, GAN_PRESETS, GANDiscriminator, GANGenerator
-from hfgen.loading import load_ema_state, save_ema_state
 from hfgen.pipelines import HFGenGANPipeline
+from hfgen.training_utils import (
+    attach_ema,
+    check_resume_arg,
+    load_checkpoint,
+    load_train_dataset,
+    remove_partial_checkpoints,
+    save_checkpoint,
+    to_pil_grid,
+)
 
 logger = get_logger(__name__)
 GAN_LOSSES = ("ns", "hinge")
@@ -133,11 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.d_lr = args.learning_rate if args.d_lr is None else args.d_lr
     if args.channels is None:
         args.channels = 1 if args.mnist_npz else 3
-    resume = args.resume_from_checkpoint
-    if resume not in (None, "latest") and not (
-        os.path.isdir(resume) and re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.normpath(resume)))
-    ):
-        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint-<step> folder (or 'latest')")
+    check_resume_arg(args.resume_from_checkpoint)
     return args
 
 
@@ -179,19 +180,7 @@ def r1_penalty(discriminator, real: torch.Tensor, class_labels: torch.Tensor | N
 
 def load_train_set(args):
     """The training images (``image`` and, for conditional training, ``label`` columns) and the transform."""
-    if args.mnist_npz:
-        dataset = load_mnist_npz(args.mnist_npz, split="train")
-    elif args.dataset_name or args.train_data_dir:
-        dataset = load_image_dataset(
-            args.dataset_name,
-            args.train_data_dir,
-            args.dataset_config_name,
-            image_column=args.image_column,
-            label_column=args.label_column,
-            cache_dir=args.cache_dir,
-        )
-    else:
-        dataset = make_shapes_dataset(num_images=args.num_shapes, image_size=args.resolution, seed=args.seed)
+    dataset = load_train_dataset(args, args.num_shapes, label_column=args.label_column)
     pad = bool(args.mnist_npz) and args.resolution >= 28  # MNIST 28 -> 32 by black borders, not by resizing
     transform = image_transform(args.resolution, args.channels, args.center_crop, args.random_flip, pad=pad)
     return dataset, transform
@@ -232,19 +221,6 @@ def sampling_generator(generator: GANGenerator, ema: EMAModel | None, args) -> G
     return recalibrate_batchnorm(g, args.bn_calibration_batches, args.train_batch_size, g.config.num_classes)
 
 
-def to_pil_grid(images: torch.Tensor, cols: int) -> PIL.Image.Image:
-    """Images (N, C, H, W) in [-1, 1] -> one RGB grid, ``cols`` per row."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    n, _, h, w = x.shape
-    rows = math.ceil(n / cols)
-    grid = torch.zeros(3, rows * h, cols * w, dtype=torch.uint8)
-    for i in range(n):
-        grid[:, i // cols * h : (i // cols + 1) * h, i % cols * w : (i % cols + 1) * w] = x[i]
-    return PIL.Image.fromarray(grid.permute(1, 2, 0).numpy())
-
-
 @torch.no_grad()
 def log_samples(generator, fixed_z, fixed_labels, args, accelerator: Accelerator, step: int) -> None:
     """A grid of samples of the fixed z: png in ``samples/`` and tensorboard."""
@@ -255,32 +231,6 @@ def log_samples(generator, fixed_z, fixed_labels, args, accelerator: Accelerator
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
-
-
-def latest_checkpoint(output_dir: str) -> str | None:
-    if not os.path.isdir(output_dir):
-        return None
-    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d[11:].isdigit()]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
-def save_checkpoint(accelerator: Accelerator, args, step: int) -> None:
-    """Write ``checkpoint-<step>`` to a temp folder, rename it, then keep the newest ``checkpoints_total_limit``."""
-    final = os.path.join(args.output_dir, f"checkpoint-{step}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if args.checkpoints_total_limit is not None:
-        steps = sorted(
-            int(d.split("-")[1])
-            for d in os.listdir(args.output_dir)
-            if d.startswith("checkpoint-") and d[11:].isdigit()
-        )
-        for old in steps[: max(0, len(steps) - args.checkpoints_total_limit)]:
-            shutil.rmtree(os.path.join(args.output_dir, f"checkpoint-{old}"))
-    logger.info(f"saved {final}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -300,6 +250,7 @@ def main(args: argparse.Namespace) -> dict:
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        remove_partial_checkpoints(args.output_dir)  # left by a kill during a write
 
     # 1. data: (B, C, H, W) in [-1, 1] and labels (B,)
     dataset, transform = load_train_set(args)
@@ -349,19 +300,7 @@ def main(args: argparse.Namespace) -> dict:
     )
     G, D, g_opt, d_opt, loader, g_sched, d_sched = accelerator.prepare(G, D, g_opt, d_opt, loader, g_sched, d_sched)
     if ema is not None:
-        ema.to(accelerator.device)
-
-        # the EMA weights travel in the checkpoint as safetensors (register_for_checkpointing would pickle them)
-        def save_ema_hook(models, weights, output_dir: str) -> None:
-            if accelerator.is_main_process:
-                save_ema_state(ema, output_dir)
-
-        def load_ema_hook(models, input_dir: str) -> None:
-            load_ema_state(ema, input_dir)
-            ema.to(accelerator.device)  # loaded on the CPU
-
-        accelerator.register_save_state_pre_hook(save_ema_hook)
-        accelerator.register_load_state_pre_hook(load_ema_hook)
+        attach_ema(accelerator, ema)  # on the device, saved in the checkpoints as safetensors
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers(
             "train_gan",
@@ -369,23 +308,9 @@ def main(args: argparse.Namespace) -> dict:
         )
 
     # 4. resume
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = (
-            latest_checkpoint(args.output_dir)
-            if args.resume_from_checkpoint == "latest"
-            else args.resume_from_checkpoint
-        )
-        if path is None:
-            logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
-        elif not os.path.isdir(path):
-            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder")
-        else:
-            accelerator.load_state(path)
-            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
-            first_epoch = global_step // steps_per_epoch
-            resume_batches = global_step % steps_per_epoch
-            logger.info(f"resumed from {path} at step {global_step}")
+    global_step = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
+    first_epoch = global_step // steps_per_epoch
+    resume_batches = global_step % steps_per_epoch
 
     # 5. loop: one D update, one G update per batch
     logger.info(f"{len(dataset)} images, {max_train_steps} steps of batch {args.train_batch_size}")
@@ -448,12 +373,11 @@ def main(args: argparse.Namespace) -> dict:
                 logs["r1"] = r1.item()
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
-            if accelerator.is_main_process:
-                if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, global_step)
-                if args.sample_steps and global_step % args.sample_steps == 0:
-                    g_sample = sampling_generator(G_unwrapped, ema, args)
-                    log_samples(g_sample, fixed_z, fixed_labels, args, accelerator, global_step)
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
+                g_sample = sampling_generator(G_unwrapped, ema, args)
+                log_samples(g_sample, fixed_z, fixed_labels, args, accelerator, global_step)
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
