@@ -74,11 +74,13 @@ def train_clip_tokenizer(texts: Iterable[str], vocab_size: int = 4096, model_max
     )
     bpe.train_from_iterator(texts, trainer)
 
-    vocab = dict(sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]))
     merges = [
         tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(bpe.to_str())["model"]["merges"]
     ]
-    for token in alphabet + [c + "</w>" for c in alphabet] + [BOS_TOKEN, EOS_TOKEN]:
+    # ids in a fixed order (the trainer numbers the word-end characters in hash-map order, which changes per process)
+    vocab = {}
+    ordered = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + sorted(bpe.get_vocab())
+    for token in ordered + [BOS_TOKEN, EOS_TOKEN]:
         vocab.setdefault(token, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 

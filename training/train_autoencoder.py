@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -155,6 +155,13 @@ def kl_beta(args, step: int) -> float:
     return args.kl_weight * min(1.0, step / args.kl_warmup_steps)
 
 
+def batch_generator(seed: int, epoch: int, batch: int, process_index: int) -> torch.Generator:
+    """The generator of one batch's posterior sample: a function of (seed, epoch, batch, process) only, independent
+    of history, so a resumed run draws what an uninterrupted one does."""
+    state = np.random.SeedSequence([seed, epoch, batch, process_index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 @torch.no_grad()
 def log_samples(vae, fixed_images: torch.Tensor, args, accelerator: Accelerator, step: int) -> None:
     """Grids of (originals | reconstructions) and of prior samples: png files in ``samples/`` and tensorboard."""
@@ -203,6 +210,7 @@ def main(args: argparse.Namespace) -> dict:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # data order = f(seed, epoch)
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
     )
@@ -273,14 +281,16 @@ def main(args: argparse.Namespace) -> dict:
     logs, skipped = {}, 0
     for epoch in range(first_epoch, num_epochs):
         vae.train()
-        epoch_loader = loader
+        loader.set_epoch(epoch)
+        epoch_loader, skip = loader, 0
         if epoch == first_epoch and resume_batches:
-            epoch_loader = accelerator.skip_first_batches(loader, resume_batches)
-        for x in epoch_loader:
+            epoch_loader, skip = accelerator.skip_first_batches(loader, resume_batches), resume_batches
+        for batch_index, x in enumerate(epoch_loader, start=skip):
             with accelerator.accumulate(vae):
                 # encode, draw z ~ q(z|x) (the AE's posterior is a point mass), decode
                 posterior = unwrapped.encode(x).latent_dist
-                recon = unwrapped.decode(posterior.sample()).sample  # (B, C, H, W)
+                g = batch_generator(args.seed, epoch, batch_index, accelerator.process_index)
+                recon = unwrapped.decode(posterior.sample(generator=g)).sample  # (B, C, H, W)
                 recon_loss = reconstruction_loss(recon, x, args.recon_loss).mean()
                 kl = posterior.kl().mean() / x[0].numel() if args.model == "vae" else torch.zeros((), device=x.device)
                 beta = kl_beta(args, global_step)

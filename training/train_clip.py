@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -226,6 +226,7 @@ def main(args: argparse.Namespace) -> dict:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # data order = f(seed, epoch)
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
     )
@@ -276,7 +277,7 @@ def main(args: argparse.Namespace) -> dict:
 
     def collate(examples: list[dict]) -> dict:
         batch = tokenize(tokenizer, [ex["text"] for ex in examples], max_length)
-        batch["pixel_values"] = preprocess_images([ex["image"] for ex in examples], model)  # (B, 3, S, S)
+        batch["pixel_values"] = preprocess_images([ex["image"] for ex in examples], image_size)  # (B, 3, S, S)
         return batch
 
     loader = torch.utils.data.DataLoader(
@@ -324,6 +325,7 @@ def main(args: argparse.Namespace) -> dict:
     loss_value = float("nan")
     for epoch in range(first_epoch, num_epochs):
         model.train()
+        loader.set_epoch(epoch)
         epoch_loader = loader
         if epoch == first_epoch and resume_batches:
             epoch_loader = accelerator.skip_first_batches(loader, resume_batches)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -193,19 +193,29 @@ def num_labels(dataset) -> int:
     return int(max(dataset["label"])) + 1
 
 
+def step_generator(seed: int, step: int, process_index: int) -> torch.Generator:
+    """The generator of one step's z draws: a function of (seed, step, process) only, independent of history, so a
+    resumed run draws what an uninterrupted one does."""
+    state = np.random.SeedSequence([seed, step, process_index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 @torch.no_grad()
-def recalibrate_batchnorm(generator: GANGenerator, num_batches: int, batch_size: int, num_classes: int | None):
-    """Re-estimate the BatchNorm running statistics of ``generator`` as plain averages over fresh samples."""
+def recalibrate_batchnorm(
+    generator: GANGenerator, num_batches: int, batch_size: int, num_classes: int | None, seed: int = 0
+):
+    """Re-estimate the BatchNorm running statistics of ``generator`` as plain averages over samples drawn from their
+    own generator seeded by ``seed`` (the training's random state is left alone)."""
     bns = [m for m in generator.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average
     generator.train()
-    device = generator.device
+    device, rng = generator.device, torch.Generator().manual_seed(seed)
     for _ in range(num_batches):
-        z = torch.randn(batch_size, generator.config.latent_dim, device=device, dtype=generator.dtype)
-        y = torch.randint(0, num_classes, (batch_size,), device=device) if num_classes else None
+        z = torch.randn(batch_size, generator.config.latent_dim, generator=rng).to(device, generator.dtype)
+        y = torch.randint(0, num_classes, (batch_size,), generator=rng).to(device) if num_classes else None
         generator(z, y)
     for bn, momentum in zip(bns, momenta):
         bn.momentum = momentum
@@ -218,7 +228,9 @@ def sampling_generator(generator: GANGenerator, ema: EMAModel | None, args) -> G
     g = copy.deepcopy(generator)
     if ema is not None:
         ema.copy_to(g.parameters())
-    return recalibrate_batchnorm(g, args.bn_calibration_batches, args.train_batch_size, g.config.num_classes)
+    return recalibrate_batchnorm(
+        g, args.bn_calibration_batches, args.train_batch_size, g.config.num_classes, seed=args.seed
+    )
 
 
 @torch.no_grad()
@@ -243,6 +255,7 @@ def main(args: argparse.Namespace) -> dict:
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # data order = f(seed, epoch)
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
     )
@@ -326,15 +339,17 @@ def main(args: argparse.Namespace) -> dict:
     for epoch in range(first_epoch, num_epochs):
         G.train()
         D.train()
+        loader.set_epoch(epoch)
         epoch_loader = loader
         if epoch == first_epoch and resume_batches:
             epoch_loader = accelerator.skip_first_batches(loader, resume_batches)
         for real, labels in epoch_loader:
             B = real.shape[0]
             y = labels if num_classes else None
+            g = step_generator(args.seed, global_step, accelerator.process_index)
 
             # a. discriminator: real vs detached fakes, plus the lazy R1 penalty
-            z = torch.randn(B, latent_dim, device=device)
+            z = torch.randn(B, latent_dim, generator=g).to(device)
             with torch.no_grad():
                 fake = G(z, y).sample  # (B, C, H, W)
             d_loss = discriminator_loss(D(real, y).logits, D(fake, y).logits, args.loss)
@@ -350,7 +365,7 @@ def main(args: argparse.Namespace) -> dict:
             d_opt.zero_grad(set_to_none=True)
 
             # b. generator: fool the (just updated) discriminator
-            z = torch.randn(B, latent_dim, device=device)
+            z = torch.randn(B, latent_dim, generator=g).to(device)
             g_loss = generator_loss(D(G(z, y).sample, y).logits, args.loss)
             if torch.isfinite(g_loss):
                 accelerator.backward(g_loss)
