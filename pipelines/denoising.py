@@ -103,11 +103,19 @@ def keeps_variance(scheduler) -> bool:
 
 
 def step_kwargs(scheduler, generator, eta: float) -> dict[str, Any]:
-    """``eta`` and ``generator`` for schedulers whose ``step`` accepts them (as diffusers does)."""
+    """
+    ``eta`` and ``generator`` for schedulers whose ``step`` accepts them (as diffusers does), and
+    ``use_clipped_model_output=True`` for DDIM: when x0 hat is clipped (``clip_sample`` / thresholding), the noise
+    direction is then re-derived from the clipped x0, so x_{t-1} stays consistent with it. diffusers' pipelines keep
+    the unclipped direction, which under classifier-free guidance (x0 hat far outside [-1, 1]) drives the sample to
+    the opposite colours; with the flag, guidance helps instead (measured in ``tests/test_pipeline.py``).
+    """
     params = inspect.signature(scheduler.step).parameters
     kwargs = {}
     if "eta" in params:
         kwargs["eta"] = eta
+    if "use_clipped_model_output" in params:
+        kwargs["use_clipped_model_output"] = True
     if "generator" in params:
         kwargs["generator"] = generator
     return kwargs

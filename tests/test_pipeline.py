@@ -1,6 +1,8 @@
 """HFGenPipeline with tiny real components: output types, determinism, CFG, learned sigma, RIN, VAE, callbacks,
 inversion and input errors."""
 
+import functools
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -321,3 +323,32 @@ def test_diffusion_steps_figure_example(tmp_path):
     assert fig.size[0] > 2 * tile and fig.size[1] > 2 * tile
     with pytest.raises(ValueError, match=r"--steps must be in \[0, 3\]"):
         example.main(example.parse_args(["--num_inference_steps", "4", "--steps", "4"]))
+
+
+def test_ddim_guidance_overshoot_keeps_the_clipped_direction():
+    """Under guidance x0 hat overshoots [-1, 1]; the pipelines ask DDIM to re-derive the noise from the clipped x0,
+    so x_{t-1} moves toward the clipped x0 instead of away from it (diffusers' default flips the colours)."""
+    sched = DDIMScheduler(prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2")
+    sched.set_timesteps(25)
+    t = sched.timesteps[2]
+    abar = sched.alphas_cumprod[t]
+    x_t = torch.full((1, 1, 2, 2), 0.2)
+    x0_overshoot = 6.0  # what an extrapolated (guided) prediction can ask for
+    v = (abar.sqrt() * x_t - x0_overshoot) / (1 - abar).sqrt()  # v such that x0 hat = x0_overshoot
+    kept = sched.step(v, t, x_t, use_clipped_model_output=True).prev_sample
+    flipped = sched.step(v, t, x_t).prev_sample
+    assert (kept > x_t).all()  # toward the clipped x0 = +1
+    assert (flipped < 0).all()  # diffusers' default: the unclipped noise direction overwhelms the clipped x0
+
+    pipe = make_pipe(tiny_unet(num_classes=3), DDIMScheduler())
+    seen = []
+    original_step = pipe.scheduler.step
+
+    @functools.wraps(original_step)  # keeps the signature the pipeline inspects
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return original_step(*args, **kwargs)
+
+    pipe.scheduler.step = spy
+    pipe(batch_size=1, class_labels=[1], guidance_scale=3.0, num_inference_steps=2, generator=gen(), output_type="pt")
+    assert seen and all(k.get("use_clipped_model_output") is True for k in seen)
