@@ -26,15 +26,23 @@ from hfgen.metrics import shape_color_accuracy
 from hfgen.training import train_clip, train_diffusion
 
 LEFT_OUT = ("green triangle", "magenta square")
+# a U-Net sized for a CPU: 3 levels (32, 16, 8 px), self- and cross-attention at 8x8 only, ~1M parameters
+DEMO_UNET = {
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "attention_levels": [False, False, True],
+    "attention_head_dim": 32,
+    "norm_num_groups": 8,
+}
 PROMPTS = ("a red circle", "a blue square", "a yellow triangle", "a cyan circle", "a green triangle")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="hfgen-output/demo")
-    p.add_argument("--clip_steps", type=int, default=600, help="CLIP training steps")
-    p.add_argument("--diffusion_steps", type=int, default=3000, help="denoiser training steps")
-    p.add_argument("--model_config", default="unet-small", help="a UNET_PRESETS name or a JSON config")
+    p.add_argument("--clip_steps", type=int, default=200, help="CLIP training steps")
+    p.add_argument("--diffusion_steps", type=int, default=1200, help="denoiser training steps")
+    p.add_argument("--model_config", default=None, help="a UNET_PRESETS name or a JSON config (default: DEMO_UNET)")
     p.add_argument("--images_per_prompt", type=int, default=6)
     p.add_argument("--guidance_scale", type=float, default=3.0)
     p.add_argument("--num_inference_steps", type=int, default=25)
@@ -53,26 +61,33 @@ def main(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
 
     # 1. CLIP on the shapes captions
-    clip_argv = ["--output_dir", str(clip_dir), "--max_train_steps", str(args.clip_steps), "--report_to", "none"]
+    width, layers, batch = ("32", "1", "16") if args.quick else ("64", "3", "64")
+    clip_argv = ["--output_dir", str(clip_dir), "--max_train_steps", str(args.clip_steps), "--report_to", "none",
+                 "--vision_width", width, "--vision_layers", layers, "--text_width", width, "--text_layers", layers,
+                 "--num_heads", "2", "--projection_dim", width, "--train_batch_size", batch]  # fmt: skip
     if args.quick:
-        clip_argv += ["--num_shapes", "64", "--num_eval_images", "32", "--train_batch_size", "16"]
-        clip_argv += ["--vision_width", "32", "--vision_layers", "1", "--text_width", "32", "--text_layers", "1"]
-        clip_argv += ["--num_heads", "2", "--projection_dim", "32"]
+        clip_argv += ["--num_shapes", "64", "--num_eval_images", "32"]
     clip_report = train_clip.main(train_clip.parse_args(clip_argv))
     t_clip = time.perf_counter() - t0
 
     # 2. a text-conditioned denoiser on the frozen CLIP text encoder, some pairs left out
+    model_config = args.model_config
+    if model_config is None:
+        out.mkdir(parents=True, exist_ok=True)
+        model_config = str(out / "demo_unet.json")
+        Path(model_config).write_text(json.dumps(DEMO_UNET))
     diff_argv = [
-        "--output_dir", str(pipe_dir), "--model", "unet", "--model_config", args.model_config,
+        "--output_dir", str(pipe_dir), "--model", "unet", "--model_config", model_config,
         "--conditioning", "text", "--text_encoder", str(clip_dir), *exclude,
-        "--max_train_steps", str(args.diffusion_steps), "--learning_rate", "1e-3", "--lr_warmup_steps", "100",
+        "--max_train_steps", str(args.diffusion_steps), "--learning_rate", "2e-3", "--lr_warmup_steps", "100",
+        "--train_batch_size", "32", "--adam_beta2", "0.99",
         "--prediction_type", "v_prediction", "--beta_schedule", "squaredcos_cap_v2", "--snr_gamma", "5",
         "--use_ema", "--ema_max_decay", "0.999", "--checkpointing_steps", "1000000", "--report_to", "none",
         "--num_inference_steps", str(args.num_inference_steps), "--num_validation_images", "8",
         "--guidance_scale", str(args.guidance_scale), "--validation_prompts", *PROMPTS[:4],
     ]  # fmt: skip
     if args.quick:
-        diff_argv += ["--resolution", "16", "--shapes_num_images", "64", "--train_batch_size", "8"]
+        diff_argv += ["--resolution", "16", "--shapes_num_images", "64", "--train_batch_size", "8"]  # last one wins
     train_diffusion.main(train_diffusion.parse_args(diff_argv))
     t_diffusion = time.perf_counter() - t0 - t_clip
 
