@@ -6,7 +6,8 @@ Denoiser speed and memory: hfgen ``UNetModel`` vs diffusers ``UNet2DModel`` and 
     .venv/bin/python benchmarks/bench_speed.py --device cuda --dtype bfloat16 --compile  # see gpu.sh
     .venv/bin/python benchmarks/bench_speed.py --quick
 
-For each pair it reports (medians over A/B/A/B-interleaved repetitions):
+For each pair it reports (medians over A/B/A/B-interleaved repetitions; on a CPU of process CPU time, which other
+jobs on a shared machine disturb far less than wall time, with the wall-time ratios beside them):
 - training step = zero_grad + forward + MSE + backward, and sampling step = no_grad forward, as images per second;
 - FLOPs of each step counted by ``torch.utils.flop_counter.FlopCounterMode`` and the achieved GFLOP/s as a fraction of
   this machine's matmul peak, measured in the same run (best of a few large square matmuls in ``--dtype``);
@@ -131,17 +132,18 @@ def count_flops(fn) -> int:
 
 
 def matmul_peak_gflops(device, dtype, n: int, repeats: int = 5) -> float:
-    """Best GFLOP/s of an n x n x n matmul in ``dtype``: the machine's practical peak."""
+    """Best GFLOP/s of an n x n x n matmul in ``dtype``: the machine's practical peak (CPU time on a CPU)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
+    clock = time.process_time if torch.device(device).type == "cpu" else time.perf_counter
     best = float("inf")
     for _ in range(repeats):
         synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         a @ b
         synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return 2 * n**3 / best / 1e9
 
 
@@ -246,12 +248,14 @@ def main(args: argparse.Namespace) -> dict:
         args.size, args.batch_size, args.repeats, args.matmul_size = "quick", 4, 2, 256
         args.memory_batch_size = 8
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    clock = "cpu" if device.type == "cpu" else "wall"  # process CPU time is steadier on a shared CPU
     peak = matmul_peak_gflops(device, dtype, args.matmul_size)
     results: dict = {"matmul_peak_gflops": peak, "pairs": {}}
     lines = [header(f"Denoiser speed (bench_speed.py){' [quick]' if args.quick else ''}")]
     lines.append(
         f"- device {device}, dtype {args.dtype}, compile {args.compile}, size {args.size}, batch {args.batch_size}, "
-        f"{args.repeats} A/B rounds (medians); {args.dtype} matmul peak ({args.matmul_size}^3): {peak:.1f} GFLOP/s\n"
+        f"{args.repeats} A/B rounds (medians of {clock} time); {args.dtype} matmul peak ({args.matmul_size}^3): "
+        f"{peak:.1f} GFLOP/s\n"
     )
     lines.append(
         "| model | params | train img/s | sample img/s | train GFLOP/step | train GFLOP/s (% peak) | "
@@ -281,7 +285,7 @@ def main(args: argparse.Namespace) -> dict:
             fns[f"{name}/sample"] = lambda m=models[name], i=inputs[name]: sample_step(m, *i)
         med = interleaved_medians(fns, args.repeats, device, warmup=2 if args.compile else 1)
         for name in names:
-            tr, sa = med[f"{name}/train"], med[f"{name}/sample"]
+            tr, sa = med[f"{name}/train"][clock], med[f"{name}/sample"][clock]
             gf_tr, gf_sa = flops[name]["train"] / tr / 1e9, flops[name]["sample"] / sa / 1e9
             results["pairs"][name] = {
                 "params": params[name],
@@ -293,6 +297,8 @@ def main(args: argparse.Namespace) -> dict:
                 "sample_gflop": flops[name]["sample"] / 1e9,
                 "train_gflops": gf_tr,
                 "sample_gflops": gf_sa,
+                "train_wall_s": med[f"{name}/train"]["wall"],
+                "sample_wall_s": med[f"{name}/sample"]["wall"],
             }
             lines.append(
                 f"| {name} | {params[name] / 1e6:.3f}M | {args.batch_size / tr:.1f} | {args.batch_size / sa:.1f} | "
@@ -304,13 +310,16 @@ def main(args: argparse.Namespace) -> dict:
             "param_ratio": h["params"] / d["params"],
             "train_speed_ratio": d["train_s"] / h["train_s"],
             "sample_speed_ratio": d["sample_s"] / h["sample_s"],
+            "train_wall_ratio": d["train_wall_s"] / h["train_wall_s"],
+            "sample_wall_ratio": d["sample_wall_s"] / h["sample_wall_s"],
         }
     lines.append("")
     for pair in args.models.split(","):
         r = results["pairs"][pair]
         lines.append(
-            f"- {pair}: hfgen/diffusers speed ratio (>1 = hfgen faster): training {r['train_speed_ratio']:.2f}x, "
-            f"sampling {r['sample_speed_ratio']:.2f}x; parameter ratio {r['param_ratio']:.3f}"
+            f"- {pair}: hfgen/diffusers speed ratio by {clock} time (>1 = hfgen faster): training "
+            f"{r['train_speed_ratio']:.2f}x, sampling {r['sample_speed_ratio']:.2f}x (by wall time: "
+            f"{r['train_wall_ratio']:.2f}x, {r['sample_wall_ratio']:.2f}x); parameter ratio {r['param_ratio']:.3f}"
         )
     if profiles:
         lines.append("\nTop ops of one training step (self time):\n")

@@ -63,30 +63,36 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
-    """Seconds one call of ``fn`` takes (device-synchronised)."""
+def time_call(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call of ``fn`` (device-synchronised)."""
     synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def interleaved_medians(
     fns: dict[str, Callable[[], object]], repeats: int, device: torch.device | str = "cpu", warmup: int = 1
-) -> dict[str, float]:
+) -> dict[str, dict[str, float]]:
     """
     Median seconds per call of each function, timed A/B/A/B... (one call of each per round, ``repeats`` rounds) so
-    that a load change on the shared machine hits every contender alike.
+    that a load change on the shared machine hits every contender alike: ``{name: {"wall": s, "cpu": s}}``.
+
+    On a CPU shared with other jobs the process CPU time is the steadier measure: wall time also counts the time the
+    scheduler gave our core to someone else. On a GPU only "wall" means anything.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(time_call(fn, device))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {
+        name: {"wall": statistics.median(t[0] for t in ts), "cpu": statistics.median(t[1] for t in ts)}
+        for name, ts in times.items()
+    }
 
 
 def write_results(block: str, results_path: Path | None) -> None:

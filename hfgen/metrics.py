@@ -15,6 +15,7 @@ by 2 pixels of background on each side, as ``load_digits`` returns them.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,7 +224,9 @@ def fid_kid(
     device = next(features.parameters()).device
     subset_size = kid_subset_size or min(1000, real.shape[0], fake.shape[0])
     fid = FrechetInceptionDistance(feature=features, reset_real_features=True).to(device)
-    kid = KernelInceptionDistance(feature=features, subsets=kid_subsets, subset_size=subset_size).to(device)
+    with warnings.catch_warnings():  # "will save all extracted features in buffer": a few MB at our sizes
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(feature=features, subsets=kid_subsets, subset_size=subset_size).to(device)
     for images, is_real in ((real, True), (fake, False)):
         for i in range(0, images.shape[0], batch_size):
             chunk = images[i : i + batch_size].to(device)
