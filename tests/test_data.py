@@ -28,7 +28,9 @@ def test_shapes_columns_and_reproducible():
     c = make_shapes_dataset(num_images=64, seed=4)
     assert a.column_names == ["image", "text", "label"]
     assert a.features["label"].num_classes == len(SHAPE_PAIRS) == len(COLORS) * len(SHAPES)
-    arrays = lambda d: np.stack([np.asarray(im) for im in d["image"]])
+    def arrays(d):
+        return np.stack([np.asarray(im) for im in d["image"]])
+
     assert np.array_equal(arrays(a), arrays(b)) and a["label"] == b["label"]
     assert not np.array_equal(arrays(a), arrays(c))
     assert a[0]["image"].mode == "RGB" and a[0]["image"].size == (32, 32)

@@ -561,6 +561,8 @@ def test_api_surface_matches_diffusers(name, tmp_path):
     ours = getattr(hfgen, name)(beta_schedule="scaled_linear", prediction_type="v_prediction", steps_offset=1)
     ours.save_pretrained(tmp_path)
     loaded = getattr(hfgen, name).from_pretrained(tmp_path)
-    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}
+    def public(config):
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
     assert type(loaded) is type(ours) and public(loaded.config) == public(ours.config)
     assert torch.equal(loaded.alphas_cumprod, ours.alphas_cumprod)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hfgen.pipelines import HFGenPipeline
-from hfgen.training.train_diffusion import main, parse_args
 from PIL import Image
 from safetensors.torch import load_file
 
 from hfgen import RINModel
+from hfgen.pipelines import HFGenPipeline
+from hfgen.training.train_diffusion import main, parse_args
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train_diffusion.py"
 # 32 shapes at 16x16, 4 per batch: 8 batches per epoch
@@ -213,11 +213,11 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path):
 
 
 def test_text_conditioning_and_tensorboard(tmp_path):
-    from hfgen.pipelines import HFGenTextToImagePipeline
     from transformers import CLIPTextModel
 
     from hfgen.clip import small_clip_config, train_clip_tokenizer
     from hfgen.data import SHAPE_PAIRS
+    from hfgen.pipelines import HFGenTextToImagePipeline
 
     tokenizer = train_clip_tokenizer([f"a {c} {s}" for c, s in SHAPE_PAIRS], vocab_size=300, model_max_length=8)
     config = small_clip_config(tokenizer, text_width=32, text_layers=1, num_heads=2, vision_width=32, vision_layers=1,
