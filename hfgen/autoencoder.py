@@ -1,7 +1,7 @@
 """
 Convolutional autoencoder and VAE (Kingma & Welling 2014) with the interface of diffusers' ``AutoencoderKL``.
 
-Reading order: ResBlock, Downsample / Upsample, Encoder, Decoder, AutoencoderModel, VAEModel, presets.
+Reading order: ResBlock, Encoder, Decoder, AutoencoderModel, VAEModel, presets.
 
     sample (B, in, H, W) -> conv_in -> [level: layers_per_block x ResBlock, downsample] x L -> ResBlock
                          -> GroupNorm, SiLU, conv_out -> moments (B, 2 * latent, H/f, W/f)   f = 2 ** (L - 1)
@@ -29,6 +29,7 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch import nn
 
 from .loading import SafeLoadingMixin
+from .unet import Downsample, Upsample  # the same strided-conv / nearest+conv resampling as the U-Net
 
 # logvar that DiagonalGaussianDistribution clamps to: the "zero variance" of the plain autoencoder's posterior
 _MIN_LOGVAR = -30.0
@@ -60,28 +61,6 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
         h = self.conv2(F.silu(self.norm2(h)))  # (B, C_out, H, W)
         return self.skip(x) + h
-
-
-class Downsample(nn.Module):
-    """Strided 3x3 conv: (B, C, H, W) -> (B, C, H/2, W/2)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 then 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from .cards import HubCardMixin
-from .layers import Attention, DenoiserOutput, TimestepEmbedder, check_denoiser_inputs, masked_mean
+from .layers import Attention, DenoiserOutput, TimestepEmbedder, check_denoiser_inputs, masked_mean, unpatchify
 from .loading import SafeLoadingMixin
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -260,14 +260,6 @@ class DiTModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         """H and W of the input must be divisible by this (the patch size)."""
         return self.config.patch_size
 
-    def unpatchify(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-        """Tokens (B, h * w, p * p * C) -> image (B, C, h * p, w * p)."""
-        p, C = self.patch_size, self.out_channels
-        B = x.shape[0]
-        x = x.view(B, grid_h, grid_w, p, p, C)  # (B, h, w, p, p, C)
-        x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
-        return x.reshape(B, C, grid_h * p, grid_w * p)  # (B, C, H, W)
-
     def forward(
         self,
         sample: torch.Tensor,
@@ -323,7 +315,7 @@ class DiTModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
 
         # 4. final layer and unpatchify
         x = self.final_layer(x, c)  # (B, N, p * p * C_out)
-        out = self.unpatchify(x, grid_h, grid_w)  # (B, C_out, H, W)
+        out = unpatchify(x, grid_h, grid_w, self.patch_size, self.out_channels)  # (B, C_out, H, W)
 
         if not return_dict:
             return (out,)

@@ -4,6 +4,7 @@
 - ``timestep_embedding`` / ``TimestepEmbedder``: sinusoidal features of t followed by an MLP.
 - ``Attention``: multi-head self- or cross-attention on ``F.scaled_dot_product_attention``.
 - ``zero_module``: zero a layer's parameters so a residual branch starts as the identity.
+- ``unpatchify``: patch tokens back to an image (DiT and RIN).
 - ``check_denoiser_inputs``: one place that turns bad ``forward`` arguments into short, specific errors.
 """
 
@@ -218,3 +219,12 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
         return tokens.mean(dim=1)
     w = mask.to(tokens.dtype)[..., None]  # (B, L, 1)
     return (tokens * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
+
+
+def unpatchify(tokens: torch.Tensor, grid_h: int, grid_w: int, patch_size: int, channels: int) -> torch.Tensor:
+    """Patch tokens (B, h * w, p * p * C) -> image (B, C, h * p, w * p); the inverse of a stride-p patch embedding."""
+    p, C = patch_size, channels
+    B = tokens.shape[0]
+    x = tokens.view(B, grid_h, grid_w, p, p, C)  # (B, h, w, p, p, C)
+    x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+    return x.reshape(B, C, grid_h * p, grid_w * p)  # (B, C, H, W)

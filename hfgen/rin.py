@@ -24,7 +24,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from .cards import HubCardMixin
-from .layers import Attention, DenoiserOutput, TimestepEmbedder, check_denoiser_inputs, masked_mean
+from .layers import Attention, DenoiserOutput, TimestepEmbedder, check_denoiser_inputs, masked_mean, unpatchify
 from .loading import SafeLoadingMixin
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -267,14 +267,6 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         """H and W of the input must be divisible by this (the patch size)."""
         return self.config.patch_size
 
-    def unpatchify(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-        """Tokens (B, h * w, p * p * C) -> image (B, C, h * p, w * p)."""
-        p, C = self.patch_size, self.out_channels
-        B = x.shape[0]
-        x = x.view(B, grid_h, grid_w, p, p, C)  # (B, h, w, p, p, C)
-        x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
-        return x.reshape(B, C, grid_h * p, grid_w * p)  # (B, C, H, W)
-
     def forward(
         self,
         sample: torch.Tensor,
@@ -342,7 +334,7 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
 
         # 5. output head on X, unpatchify
         out = self.proj_out(self.norm_out(x))  # (B, N, p * p * C_out)
-        out = self.unpatchify(out, grid_h, grid_w)  # (B, C_out, H, W)
+        out = unpatchify(out, grid_h, grid_w, self.patch_size, self.out_channels)  # (B, C_out, H, W)
         latents = z[:, :M]  # (B, M, Dz), the conditioning tokens dropped
 
         if not return_dict:
