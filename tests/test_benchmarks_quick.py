@@ -75,3 +75,37 @@ def test_classifier_quality_and_sampler_steps_quick(tmp_path, monkeypatch):
             )
         )
         assert steps["best"] == model and len(steps["rows"]) == 4  # floor + DDIM + DDPM + DPM-Solver
+
+
+@needs_mnist
+def test_eval_ae_gan_scores_every_kind(tmp_path):
+    import eval_ae_gan
+
+    from hfgen import AUTOENCODER_PRESETS, DIT_PRESETS, GAN_PRESETS, DiTModel, GANGenerator, VAEModel
+    from hfgen.metrics import DigitClassifier
+    from hfgen.pipelines import HFGenGANPipeline, HFGenPipeline, HFGenVAEPipeline
+    from hfgen.schedulers import DDIMScheduler
+
+    torch.manual_seed(0)
+    clf = tmp_path / "clf"
+    DigitClassifier(channels=(8, 16, 16), feature_dim=32).save_pretrained(clf)  # untrained: scoring runs, not quality
+    vae = VAEModel(**AUTOENCODER_PRESETS["ae-tiny"], in_channels=1, out_channels=1, sample_size=32).eval()
+    generator = GANGenerator(**GAN_PRESETS["dcgan-tiny"][0], sample_size=32, out_channels=1).eval()
+    dit = DiTModel(**DIT_PRESETS["DiT-tiny/2"], sample_size=8, in_channels=4, num_classes=10).eval()
+    pipes = {
+        "vae": HFGenVAEPipeline(vae=vae),
+        "gan": HFGenGANPipeline(generator=generator),
+        "ldit": HFGenPipeline(denoiser=dit, scheduler=DDIMScheduler(), vae=vae),
+    }
+    common = ["--classifier", str(clf), "--num_images", "24", "--per_class", "2", "--num_inference_steps", "2"]
+    for kind, pipe in pipes.items():
+        pipe.save_pretrained(tmp_path / kind)
+        report = eval_ae_gan.main(eval_ae_gan.parse_args([kind, str(tmp_path / kind), *common]))
+        assert (tmp_path / kind / f"eval_{kind}.json").exists()
+        if kind == "ldit":
+            assert set(report["accuracy"]) == {"1", "3"} and (tmp_path / kind / "eval_ldit_g3.png").exists()
+            assert 0 <= report["vae_reconstruction_accuracy"] <= 1
+        else:
+            assert report["fid"] > 0 and sum(report["class_counts"]) == 24 and 0 <= report["class_entropy"] <= 1
+    with pytest.raises(FileNotFoundError, match="--classifier"):
+        eval_ae_gan.main(eval_ae_gan.parse_args(["vae", str(tmp_path / "vae"), "--classifier", str(tmp_path)]))
