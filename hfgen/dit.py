@@ -5,8 +5,8 @@ processes the tokens. The conditioning vector c = time embedding + label embeddi
 steers every block through adaLN-Zero: a zero-initialised linear layer maps c to a shift, a scale and a gate for
 each branch, so that every block starts as the identity and a fresh model outputs exactly zero.
 
-Reading order: helpers (position embedding, modulation), attention and MLP, ``DiTBlock``, ``FinalLayer``,
-``DiTModel``, presets ``DIT_PRESETS``.
+Reading order: attention and MLP, ``DiTBlock``, ``FinalLayer``, ``DiTModel``, presets ``DIT_PRESETS``. The sin-cos
+position embedding and ``modulate`` live in ``hfgen.layers`` (RIN uses them too).
 
 Attention: ``SelfAttention`` below uses one fused qkv ``Linear`` (one matmul instead of three, as in the paper's
 code) on ``F.scaled_dot_product_attention``; the optional cross-attention to text tokens uses the shared
@@ -22,34 +22,17 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from .cards import HubCardMixin
-from .layers import Attention, DenoiserOutput, TimestepEmbedder, check_denoiser_inputs, masked_mean, unpatchify
+from .layers import (
+    Attention,
+    DenoiserOutput,
+    TimestepEmbedder,
+    check_denoiser_inputs,
+    masked_mean,
+    modulate,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 from .loading import SafeLoadingMixin
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Helpers
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """
-    Fixed 2-D sin-cos position embedding of a grid_h x grid_w token grid, row-major: (grid_h * grid_w, dim).
-    The first half of the channels encodes the row, the second half the column, each as [sin | cos].
-    """
-    if dim % 4:
-        raise ValueError(f"hidden_size must be divisible by 4 for the 2-D sin-cos position embedding, got {dim}")
-    quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
-    rows = torch.arange(grid_h, dtype=torch.float64)[:, None] * omega[None]  # (h, D/4)
-    cols = torch.arange(grid_w, dtype=torch.float64)[:, None] * omega[None]  # (w, D/4)
-    emb_rows = torch.cat([rows.sin(), rows.cos()], dim=1)[:, None, :].expand(grid_h, grid_w, dim // 2)  # (h, w, D/2)
-    emb_cols = torch.cat([cols.sin(), cols.cos()], dim=1)[None, :, :].expand(grid_h, grid_w, dim // 2)  # (h, w, D/2)
-    return torch.cat([emb_rows, emb_cols], dim=-1).reshape(grid_h * grid_w, dim).float()  # (h * w, D)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation of tokens x (B, N, D) by per-sample shift and scale (B, D): x * (1 + scale) + shift."""
-    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Attention and MLP

@@ -114,6 +114,27 @@ class Attention(nn.Module):
         return self.to_out(out)
 
 
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """
+    Fixed 2-D sin-cos position embedding of a grid_h x grid_w token grid, row-major: (grid_h * grid_w, dim).
+    The first half of the channels encodes the row, the second half the column, each as [sin | cos].
+    """
+    if dim % 4:
+        raise ValueError(f"the token width must be divisible by 4 for the 2-D sin-cos position embedding, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+    rows = torch.arange(grid_h, dtype=torch.float64)[:, None] * omega[None]  # (h, D/4)
+    cols = torch.arange(grid_w, dtype=torch.float64)[:, None] * omega[None]  # (w, D/4)
+    emb_rows = torch.cat([rows.sin(), rows.cos()], dim=1)[:, None, :].expand(grid_h, grid_w, dim // 2)  # (h, w, D/2)
+    emb_cols = torch.cat([cols.sin(), cols.cos()], dim=1)[None, :, :].expand(grid_h, grid_w, dim // 2)  # (h, w, D/2)
+    return torch.cat([emb_rows, emb_cols], dim=-1).reshape(grid_h * grid_w, dim).float()  # (h * w, D)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation of tokens x (B, N, D) by per-sample shift and scale (B, D): x * (1 + scale) + shift."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero every parameter of ``module`` and return it."""
     for p in module.parameters():

@@ -8,6 +8,16 @@ Each ``RINBlock`` reads (Z attends to X, and to the text tokens if any), compute
 writes (X attends to Z). X never attends to itself. Time, class and pooled text enter as extra latent tokens
 appended to Z. The output head reads X back into patches.
 
+Two additions on the interface side, both on by default, make small RINs learn far faster. On class-conditional
+MNIST a RIN of 1.4M parameters without them drew patchy speckle and only 15% of the asked digit after 2900 steps;
+with them, it draws strokes that follow the label (see benchmarks/RESULTS_class_conditional.md).
+- ``interface_conv``: a depthwise 3x3 convolution over the patch grid at the start of every block, so each patch
+  sees its neighbours (the position-encoding generator of the public PyTorch RIN);
+- ``interface_modulation``: the LayerNorms of the write, of X's MLP and of the output head are modulated by
+  c = time + class + pooled text (scale and shift from a zero-initialised linear layer, as in DiT's adaLN), so the
+  patch path knows the noise level and the class and not only what it reads from the latents.
+The interface position embedding is learned but starts from the fixed 2-D sin-cos table.
+
 Latent self-conditioning: ``forward`` takes the previous step's latents and returns the new ones; the warm start
 enters through ``self_cond_gain``, whose last layer starts at zero. How the previous latents are produced (the
 no-grad first pass during training, the carry-over during sampling) is the training and sampling code's business.
@@ -24,7 +34,16 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from .cards import HubCardMixin
-from .layers import Attention, DenoiserOutput, TimestepEmbedder, check_denoiser_inputs, masked_mean, unpatchify
+from .layers import (
+    Attention,
+    DenoiserOutput,
+    TimestepEmbedder,
+    check_denoiser_inputs,
+    masked_mean,
+    modulate,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 from .loading import SafeLoadingMixin
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -77,6 +96,8 @@ class RINBlock(nn.Module):
     :param latent_mlp_ratio: MLP width factor on Z.
     :param interface_mlp_ratio: MLP width factor on X.
     :param context_dim: width of the text tokens Z may read; None: no text read.
+    :param interface_conv: depthwise 3x3 convolution over the patch grid before the read.
+    :param interface_modulation: scale and shift of X's write and MLP LayerNorms from the conditioning vector c.
     """
 
     def __init__(
@@ -89,8 +110,14 @@ class RINBlock(nn.Module):
         latent_mlp_ratio: float = 4.0,
         interface_mlp_ratio: float = 2.0,
         context_dim: int | None = None,
+        interface_conv: bool = True,
+        interface_modulation: bool = True,
     ):
         super().__init__()
+        # local mixing of neighbouring patches: X <- depthwise conv(X)
+        self.conv = (
+            nn.Conv2d(interface_dim, interface_dim, 3, padding=1, groups=interface_dim) if interface_conv else None
+        )
         # read: Z <- X (and Z <- text)
         self.read_norm_z = nn.LayerNorm(latent_dim)
         self.read_norm_x = nn.LayerNorm(interface_dim)
@@ -109,21 +136,32 @@ class RINBlock(nn.Module):
         self.write_norm_z = nn.LayerNorm(latent_dim)
         self.write_attn = Attention(interface_dim, rw_num_heads, context_dim=latent_dim)
         self.write_mlp = FeedForward(interface_dim, interface_mlp_ratio)
+        # c -> (shift, scale) of the write norm and of the MLP norm; zero-initialised by RINModel
+        self.modulation = nn.Linear(latent_dim, 4 * interface_dim) if interface_modulation else None
 
     def forward(
         self,
         x: torch.Tensor,
         z: torch.Tensor,
+        c: torch.Tensor,
+        grid: tuple[int, int],
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
-        :param x: interface tokens (B, N, Dx).
+        :param x: interface tokens (B, N, Dx), row-major over the patch grid.
         :param z: latent tokens, conditioning tokens included (B, M', Dz).
+        :param c: conditioning vector (B, Dz), already through SiLU.
+        :param grid: (rows, columns) of the patch grid, rows * columns = N.
         :param context: text tokens (B, L, context_dim) or None (the text read is skipped).
         :param context_mask: (B, L), 1 where a text token may be read.
         :return: the updated (x, z).
         """
+        B, N, Dx = x.shape
+        # 0. neighbouring patches mix
+        if self.conv is not None:
+            x_grid = x.transpose(1, 2).reshape(B, Dx, *grid)  # (B, Dx, H/p, W/p)
+            x = x + self.conv(x_grid).flatten(2).transpose(1, 2)  # (B, N, Dx)
         # 1. read
         z = z + self.read_attn(self.read_norm_z(z), self.read_norm_x(x))  # (B, M', Dz)
         if self.text_attn is not None and context is not None:
@@ -132,9 +170,16 @@ class RINBlock(nn.Module):
         # 2. compute
         for layer in self.compute:
             z = layer(z)  # (B, M', Dz)
-        # 3. write
-        x = x + self.write_attn(self.write_norm_x(x), self.write_norm_z(z))  # (B, N, Dx)
-        x = x + self.write_mlp(x)  # (B, N, Dx)
+        # 3. write, the interface norms modulated by c
+        h = self.write_norm_x(x)  # (B, N, Dx)
+        if self.modulation is not None:
+            shift_w, scale_w, shift_m, scale_m = self.modulation(c).chunk(4, dim=-1)  # 4 x (B, Dx)
+            h = modulate(h, shift_w, scale_w)
+        x = x + self.write_attn(h, self.write_norm_z(z))  # (B, N, Dx)
+        h = self.write_mlp.norm(x)
+        if self.modulation is not None:
+            h = modulate(h, shift_m, scale_m)
+        x = x + self.write_mlp.fc2(F.gelu(self.write_mlp.fc1(h)))  # (B, N, Dx)
         return x, z
 
 
@@ -174,6 +219,8 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         num_classes: int | None = None,  # None: no class token; else a table of num_classes + 1 rows
         cross_attention_dim: int | None = None,  # width of the text tokens; None: no text conditioning
         use_cross_attention: bool | None = None,  # latents read the text tokens; None: on iff text is on
+        interface_conv: bool = True,  # depthwise 3x3 conv over the patch grid in every block
+        interface_modulation: bool = True,  # the interface's LayerNorms scaled and shifted by time + class + text
     ):
         super().__init__()
         if out_channels is None:
@@ -230,12 +277,15 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
                     latent_mlp_ratio,
                     interface_mlp_ratio,
                     context_dim=context_dim,
+                    interface_conv=interface_conv,
+                    interface_modulation=interface_modulation,
                 )
                 for _ in range(num_blocks)
             ]
         )
         # output head on the interface
         self.norm_out = nn.LayerNorm(interface_dim)
+        self.modulation_out = nn.Linear(latent_dim, 2 * interface_dim) if interface_modulation else None
         self.proj_out = nn.Linear(interface_dim, patch_size * patch_size * out_channels)
         self.initialize_weights()
 
@@ -249,14 +299,20 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         w = self.x_embedder.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        grid = int(self.pos_embed.shape[1] ** 0.5)
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid, grid)[None])
         nn.init.trunc_normal_(self.latents, std=0.02)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.weight, std=0.02)
         # 3. zero: the self-conditioning gain's last layer, so at init the previous latents have no effect
         nn.init.zeros_(self.self_cond_gain[-1].weight)
         nn.init.zeros_(self.self_cond_gain[-1].bias)
-        # 4. zero: the text read's output projection, so the text cross-attention starts as the identity
+        # 4. zero: the interface modulations, so the norms start unmodulated
+        for module in [block.modulation for block in self.blocks] + [self.modulation_out]:
+            if module is not None:
+                nn.init.zeros_(module.weight)
+                nn.init.zeros_(module.bias)
+        # 5. zero: the text read's output projection, so the text cross-attention starts as the identity
         for block in self.blocks:
             if block.text_attn is not None:
                 nn.init.zeros_(block.text_attn.to_out.weight)
@@ -313,6 +369,7 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
             pooled = masked_mean(encoder_hidden_states, encoder_attention_mask)  # (B, C_text)
             cond.append(self.text_pool_proj(pooled.to(self.latents.dtype)))  # (B, Dz)
         cond = torch.stack(cond, dim=1)  # (B, n_cond, Dz)
+        c = F.silu(cond.sum(dim=1))  # (B, Dz), for the interface modulations
 
         # 2. interface X: patchify + position
         x = self.x_embedder(sample.to(self.x_embedder.weight.dtype))  # (B, Dx, H/p, W/p)
@@ -325,15 +382,20 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         # (B, M, Dz)
         z = torch.cat([z, cond], dim=1)  # (B, M + n_cond, Dz)
 
-        # 4. RIN blocks: read, compute, write
+        # 4. RIN blocks: (mix patches,) read, compute, write
+        grid = (grid_h, grid_w)
         for block in self.blocks:
+            args = (x, z, c, grid, encoder_hidden_states, encoder_attention_mask)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, z = self._gradient_checkpointing_func(block, x, z, encoder_hidden_states, encoder_attention_mask)
+                x, z = self._gradient_checkpointing_func(block, *args)
             else:
-                x, z = block(x, z, encoder_hidden_states, encoder_attention_mask)  # (B, N, Dx), (B, M + n_cond, Dz)
+                x, z = block(*args)  # (B, N, Dx), (B, M + n_cond, Dz)
 
-        # 5. output head on X, unpatchify
-        out = self.proj_out(self.norm_out(x))  # (B, N, p * p * C_out)
+        # 5. output head on X (modulated norm), unpatchify
+        h = self.norm_out(x)  # (B, N, Dx)
+        if self.modulation_out is not None:
+            h = modulate(h, *self.modulation_out(c).chunk(2, dim=-1))
+        out = self.proj_out(h)  # (B, N, p * p * C_out)
         out = unpatchify(out, grid_h, grid_w, self.patch_size, self.out_channels)  # (B, C_out, H, W)
         latents = z[:, :M]  # (B, M, Dz), the conditioning tokens dropped
 
@@ -367,7 +429,8 @@ RIN_PRESETS: dict[str, dict] = {
         "num_heads": 4,
         "rw_num_heads": 4,
     },
-    "RIN-cifar": {  # the paper's CIFAR-10 model (official pix2seq config: 3 blocks x 2 layers, 128 x 512 latents)
+    "RIN-cifar": {  # the paper's CIFAR-10 model (official pix2seq config: 3 blocks x 2 layers, 128 x 512 latents),
+        # without hfgen's interface additions
         "patch_size": 2,
         "interface_dim": 256,
         "num_latents": 128,
@@ -378,5 +441,7 @@ RIN_PRESETS: dict[str, dict] = {
         "rw_num_heads": 8,
         "latent_mlp_ratio": 4.0,
         "interface_mlp_ratio": 2.0,
+        "interface_conv": False,
+        "interface_modulation": False,
     },
 }

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hfgen import DIT_PRESETS, DiTModel
-from hfgen.dit import sincos_pos_embed_2d
+from hfgen.layers import sincos_pos_embed_2d
 
 
 def tiny_dit(**kwargs) -> DiTModel:

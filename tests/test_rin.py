@@ -80,6 +80,44 @@ def test_class_and_text_conditioning():
     assert torch.allclose(out, model(x, 5, encoder_hidden_states=padded, encoder_attention_mask=mask).sample, atol=1e-6)
 
 
+def test_interface_conv_mixes_neighbouring_patches_only():
+    x = torch.randn(1, 3, 8, 8)
+    changed = x.clone()
+    changed[..., :2, :2] += 1.0  # patch (0, 0) of the 4x4 grid of 2x2 patches
+
+    def touched(model):
+        """Which output patches move when only patch (0, 0) of the input changes, without the latents' route."""
+        model.eval()
+        for block in model.blocks:  # cut the route through the latents: the write adds nothing
+            torch.nn.init.zeros_(block.write_attn.to_out.weight)
+            torch.nn.init.zeros_(block.write_attn.to_out.bias)
+        diff = (model(changed, 5).sample - model(x, 5).sample).abs().sum(1)  # (1, 8, 8)
+        return diff.view(4, 2, 4, 2).sum((1, 3)) > 1e-6  # (4, 4) patches
+
+    plain = touched(tiny_rin(interface_conv=False))
+    assert plain.sum() == 1 and plain[0, 0]  # no latents, no conv: each patch only sees itself
+    mixed = touched(tiny_rin())  # 2 blocks of 3x3 depthwise conv: patches up to 2 steps away
+    assert mixed[:3, :3].all() and not mixed[3].any() and not mixed[:, 3].any()
+
+
+def test_interface_modulation_starts_at_zero_and_carries_the_class():
+    x = torch.randn(2, 3, 8, 8)
+    model = tiny_rin(num_classes=4)
+    unmodulated = tiny_rin(num_classes=4, interface_modulation=False)
+    unmodulated.load_state_dict(model.state_dict(), strict=False)  # the same weights apart from the modulations
+    assert torch.allclose(model(x, 5).sample, unmodulated(x, 5).sample, atol=1e-6)  # zero-initialised
+    # cut the latents' route: with modulation the label still reaches every patch, without it nothing does
+    for net in (model, unmodulated):
+        randomize_zero_init(net)
+        for block in net.blocks:
+            torch.nn.init.zeros_(block.write_attn.to_out.weight)
+            torch.nn.init.zeros_(block.write_attn.to_out.bias)
+    a, b = torch.tensor([0, 1]), torch.tensor([2, 3])
+    assert not torch.allclose(model(x, 5, class_labels=a).sample, model(x, 5, class_labels=b).sample)
+    assert torch.equal(unmodulated(x, 5, class_labels=a).sample, unmodulated(x, 5, class_labels=b).sample)
+    assert RIN_PRESETS["RIN-cifar"]["interface_conv"] is False  # the paper's model stays the paper's
+
+
 def test_bad_inputs_are_clear_errors():
     model = tiny_rin(num_classes=4)
     x = torch.randn(2, 3, 8, 8)
