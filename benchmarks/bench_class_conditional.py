@@ -51,8 +51,8 @@ NUM_CLASSES = 10
 # Recipes: the network (a --model_config JSON) and the optimiser settings per denoiser
 # ----------------------------------------------------------------------------------------------------------------------
 
-# sized for a 2-core CPU shared with other jobs (0.4-1.5 s per step on one thread of the loaded machine); in ~9 minutes
-# only the U-Net draws mostly recognisable digits, DiT and RIN do not yet (see RESULTS_class_conditional.md)
+# sized for a 2-core CPU (0.3-1.5 s per step). The U-Net draws the asked digit after ~9 minutes, the DiT after ~13;
+# RIN needs the longest (see RESULTS_class_conditional.md for the budgets and scores)
 RECIPES: dict[str, dict] = {
     "unet": {
         "config": {  # 3 levels (32, 16, 8 px), attention at 8x8 only; 0.72M parameters
