@@ -15,6 +15,7 @@ The recipe itself (arguments, model, loss, loop) stays in each flat script.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -35,6 +36,7 @@ logger = get_logger(__name__)
 # ----------------------------------------------------------------------------------------------------------------------
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+SCRIPT_STATE_FILE = "hfgen_script_state.json"  # counters a script keeps beside the accelerate state
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -102,12 +104,21 @@ def prune_checkpoints(output_dir: str, total_limit: int | None) -> None:
         shutil.rmtree(doomed)
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None = None, weights=()) -> None:
+def save_checkpoint(
+    accelerator,
+    output_dir: str,
+    step: int,
+    total_limit: int | None = None,
+    weights=(),
+    script_state: dict | None = None,
+) -> None:
     """
     ``accelerator.save_state`` into a temp folder, then an atomic rename to ``checkpoint-<step>`` and pruning to
     ``total_limit``. Call it on every process (each writes its own random states).
 
     :param weights: tensors checked first: if any holds NaN or inf, no checkpoint is written (``RuntimeError``).
+    :param script_state: small JSON-able counters of the script (``SCRIPT_STATE_FILE`` in the checkpoint), read back
+        with ``read_script_state``.
     """
     if not all_finite(weights):
         raise RuntimeError(f"refusing to write checkpoint-{step}: the weights hold NaN or inf")
@@ -117,6 +128,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    if accelerator.is_main_process and script_state is not None:
+        Path(tmp, SCRIPT_STATE_FILE).write_text(json.dumps(script_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if os.path.exists(final):
@@ -137,6 +150,15 @@ def load_checkpoint(accelerator, resume_from_checkpoint: str | None, output_dir:
     accelerator.load_state(path)
     logger.info(f"resumed from {path} at step {step}")
     return step
+
+
+def read_script_state(resume_from_checkpoint: str | None, output_dir: str) -> dict:
+    """The ``script_state`` saved with the checkpoint that ``load_checkpoint`` resumes from; {} for a new run or a
+    checkpoint written without one."""
+    path, _ = resolve_resume(resume_from_checkpoint, output_dir)
+    if path is None or not os.path.exists(os.path.join(path, SCRIPT_STATE_FILE)):
+        return {}
+    return json.loads(Path(path, SCRIPT_STATE_FILE).read_text())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """training/train_diffusion.py: tiny real runs in-process, one killed subprocess and one 2-process launch."""
 
+import json
 import os
 import signal
 import subprocess
@@ -132,6 +133,14 @@ def test_nonfinite_loss_stops_without_nan_checkpoints(tmp_path):
         for key, value in load_file(tmp_path / name / "model.safetensors").items():
             assert torch.isfinite(value).all(), (name, key)
     assert not (tmp_path / "model_index.json").exists()
+    # the count of skipped updates travels in the checkpoints, so a resumed run does not start again from 0
+    counts = [json.loads((tmp_path / n / "hfgen_script_state.json").read_text())["nonfinite_steps"] for n in written]
+    assert counts == sorted(counts) and counts[-1] == 2, counts  # the run stopped at the 3rd
+    last = max(int(n.split("-")[1]) for n in written)
+    with pytest.raises(RuntimeError, match=rf"stopping at step {last + 1}: 3 updates"):  # one more bad update ends it
+        run(tmp_path, "--learning_rate", "1e30", "--lr_scheduler", "constant", "--max_train_steps", "20",
+            "--checkpointing_steps", "1", "--max_nonfinite_steps", "3", "--max_grad_norm", "0",
+            "--resume_from_checkpoint", "latest")  # fmt: skip
     # an update that turns the weights themselves non-finite: the checkpoint is refused, not written
     with pytest.raises(RuntimeError, match="refusing to write checkpoint-1"):
         run(tmp_path / "inf", "--learning_rate", "inf", "--max_train_steps", "2", "--checkpointing_steps", "1",

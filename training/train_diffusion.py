@@ -42,6 +42,7 @@ from hfgen.training_utils import (
     attach_ema,
     load_checkpoint,
     load_train_dataset,
+    read_script_state,
     remove_partial_checkpoints,
     resolve_resume,
     save_checkpoint,
@@ -651,7 +652,7 @@ def main(args: argparse.Namespace) -> None:
     progress = tqdm(
         range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
-    nonfinite_steps = 0
+    nonfinite_steps = read_script_state(args.resume_from_checkpoint, args.output_dir).get("nonfinite_steps", 0)
     model.train()
     for epoch in range(first_epoch, num_epochs):
         train_dataloader.set_epoch(epoch)
@@ -702,7 +703,14 @@ def main(args: argparse.Namespace) -> None:
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0:
                 weights = list(accelerator.unwrap_model(model).parameters()) + (list(ema.shadow_params) if ema else [])
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, weights)
+                save_checkpoint(
+                    accelerator,
+                    args.output_dir,
+                    global_step,
+                    args.checkpoints_total_limit,
+                    weights,
+                    script_state={"nonfinite_steps": nonfinite_steps},
+                )
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 validate(global_step)
             if global_step >= max_train_steps:
