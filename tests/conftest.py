@@ -22,3 +22,27 @@ def mnist_path():
     if not MNIST_PATH.exists():
         pytest.skip(f"{MNIST_PATH} not found")
     return MNIST_PATH
+
+
+def sigkill_when_exists(command: list[str], env: dict, path: Path, timeout: float) -> int:
+    """Start ``command``, SIGKILL it as soon as ``path`` exists, return its exit code (-SIGKILL when killed).
+    Fails the test if the process exits first (with the tail of its stderr) or ``path`` takes over ``timeout`` s."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, f"no {path.name} within {timeout:g} s"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    return proc.returncode

@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigkill_when_exists
 from safetensors.torch import load_file
 
 from hfgen.training import train_autoencoder, train_clip, train_gan
@@ -93,22 +93,8 @@ def test_sigkill_then_resume_latest_matches_uninterrupted(tmp_path, name):
     script = SCRIPTS[name]
     args = [*script.args, "--max_train_steps", "10", "--checkpointing_steps", "2"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script.path), *args, "--output_dir", str(killed)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not (killed / "checkpoint-2").exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 60 s"
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    command = [sys.executable, str(script.path), *args, "--output_dir", str(killed)]
+    assert sigkill_when_exists(command, ENV, killed / "checkpoint-2", timeout=60) == -signal.SIGKILL
     assert "checkpoint-10" not in checkpoints(killed), "the run finished before the kill"
 
     report = script.module.main(script.module.parse_args([*args, "--output_dir", str(killed),

@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigkill_when_exists
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -177,21 +177,8 @@ def test_sigkill_then_resume_latest_matches_uninterrupted(tmp_path):
     with ``--resume_from_checkpoint latest``, ends with the weights of an uninterrupted run."""
     args = [*TINY, "--max_train_steps", "40", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args, "--output_dir", str(killed)], env=SUBPROCESS_ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not (killed / "checkpoint-2").exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    command = [sys.executable, str(SCRIPT), *args, "--output_dir", str(killed)]
+    assert sigkill_when_exists(command, SUBPROCESS_ENV, killed / "checkpoint-2", timeout=120) == -signal.SIGKILL
     assert not (killed / "model_index.json").exists(), "the run finished before the kill"
 
     main(parse_args([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"]))
