@@ -27,3 +27,4 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check hfgen pipelines training tests examples benchmarks
+	$(VENV)/bin/ruff format --check hfgen pipelines training tests examples benchmarks

@@ -126,7 +126,9 @@ def main(args: argparse.Namespace) -> dict:
     print(json.dumps(report, indent=2, default=float))
     print(f"\nSample grid (one row per prompt; the last prompt's pair was never seen): {out / 'grid.png'}")
     print("Load the pipeline:")
-    print(f'  from hfgen import HFGenTextToImagePipeline; pipe = HFGenTextToImagePipeline.from_pretrained("{pipe_dir}")')
+    print(
+        f'  from hfgen import HFGenTextToImagePipeline; pipe = HFGenTextToImagePipeline.from_pretrained("{pipe_dir}")'
+    )
     print('  pipe("a blue circle", guidance_scale=3.0).images[0].save("blue_circle.png")')
     return report
 

@@ -28,6 +28,7 @@ def test_shapes_columns_and_reproducible():
     c = make_shapes_dataset(num_images=64, seed=4)
     assert a.column_names == ["image", "text", "label"]
     assert a.features["label"].num_classes == len(SHAPE_PAIRS) == len(COLORS) * len(SHAPES)
+
     def arrays(d):
         return np.stack([np.asarray(im) for im in d["image"]])
 

@@ -57,7 +57,10 @@ def test_pipelines_and_training_are_installed_under_hfgen():
 @pytest.mark.parametrize(
     "cmd",
     [["-m", "hfgen.training.train_diffusion"]]
-    + [[str(ROOT / "training" / f"{s}.py")] for s in ("train_diffusion", "train_clip", "train_autoencoder", "train_gan")],
+    + [
+        [str(ROOT / "training" / f"{s}.py")]
+        for s in ("train_diffusion", "train_clip", "train_autoencoder", "train_gan")
+    ],
     ids=lambda c: " ".join(c).replace(str(ROOT) + "/", ""),
 )
 def test_training_scripts_run_as_modules_and_as_files(cmd):

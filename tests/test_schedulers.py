@@ -561,6 +561,7 @@ def test_api_surface_matches_diffusers(name, tmp_path):
     ours = getattr(hfgen, name)(beta_schedule="scaled_linear", prediction_type="v_prediction", steps_offset=1)
     ours.save_pretrained(tmp_path)
     loaded = getattr(hfgen, name).from_pretrained(tmp_path)
+
     def public(config):
         return {k: v for k, v in config.items() if not k.startswith("_")}
 
