@@ -77,14 +77,6 @@ def test_shapes_exclude_pairs_and_size():
         make_shapes_dataset(num_images=4, exclude_pairs=[("purple", "circle")])
 
 
-def test_shapes_speed():
-    import time
-
-    start = time.perf_counter()
-    make_shapes_dataset(num_images=4096)
-    assert time.perf_counter() - start < 5.0  # ~0.5 s on one idle core
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Image folders
 # ----------------------------------------------------------------------------------------------------------------------
