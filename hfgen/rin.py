@@ -17,8 +17,6 @@ with them, it draws strokes that follow the label (see benchmarks/RESULTS_class_
   c = time + class + pooled text (scale and shift from a zero-initialised linear layer, as in DiT's adaLN), so the
   patch path knows the noise level and the class and not only what it reads from the latents.
 The interface position embedding is learned but starts from the fixed 2-D sin-cos table.
-A third, off by default: ``latent_modulation`` modulates the compute layers' LayerNorms by c in the same way, so the
-class reaches every latent directly and not only through attention to the class token.
 
 Latent self-conditioning: ``forward`` takes the previous step's latents and returns the new ones; the warm start
 enters through ``self_cond_gain``, whose last layer starts at zero. How the previous latents are produced (the
@@ -68,28 +66,17 @@ class FeedForward(nn.Module):
 
 
 class LatentLayer(nn.Module):
-    """
-    One compute layer on the latents: pre-norm self-attention then MLP, both residual. (B, M, D) -> (B, M, D).
+    """One compute layer on the latents: pre-norm self-attention then MLP, both residual. (B, M, D) -> (B, M, D)."""
 
-    With ``modulation`` both norms are scaled and shifted by the conditioning vector c (B, D), from a linear layer
-    that ``RINModel`` zero-initialises.
-    """
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, modulation: bool = False):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads)
         self.mlp = FeedForward(dim, mlp_ratio)
-        self.modulation = nn.Linear(dim, 4 * dim) if modulation else None
 
-    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
-        if self.modulation is None or c is None:
-            z = z + self.attn(self.norm(z))  # (B, M, D)
-            return z + self.mlp(z)  # (B, M, D)
-        shift_a, scale_a, shift_m, scale_m = self.modulation(c).chunk(4, dim=-1)  # 4 x (B, D)
-        z = z + self.attn(modulate(self.norm(z), shift_a, scale_a))  # (B, M, D)
-        h = modulate(self.mlp.norm(z), shift_m, scale_m)
-        return z + self.mlp.fc2(F.gelu(self.mlp.fc1(h)))  # (B, M, D)
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = z + self.attn(self.norm(z))  # (B, M, D)
+        return z + self.mlp(z)  # (B, M, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -111,7 +98,6 @@ class RINBlock(nn.Module):
     :param context_dim: width of the text tokens Z may read; None: no text read.
     :param interface_conv: depthwise 3x3 convolution over the patch grid before the read.
     :param interface_modulation: scale and shift of X's write and MLP LayerNorms from the conditioning vector c.
-    :param latent_modulation: scale and shift of the compute layers' LayerNorms from c.
     """
 
     def __init__(
@@ -126,7 +112,6 @@ class RINBlock(nn.Module):
         context_dim: int | None = None,
         interface_conv: bool = True,
         interface_modulation: bool = True,
-        latent_modulation: bool = False,
     ):
         super().__init__()
         # local mixing of neighbouring patches: X <- depthwise conv(X)
@@ -144,7 +129,7 @@ class RINBlock(nn.Module):
         self.read_mlp = FeedForward(latent_dim, latent_mlp_ratio)
         # compute: Z <- Z
         self.compute = nn.ModuleList(
-            [LatentLayer(latent_dim, num_heads, latent_mlp_ratio, latent_modulation) for _ in range(compute_depth)]
+            [LatentLayer(latent_dim, num_heads, latent_mlp_ratio) for _ in range(compute_depth)]
         )
         # write: X <- Z
         self.write_norm_x = nn.LayerNorm(interface_dim)
@@ -184,7 +169,7 @@ class RINBlock(nn.Module):
         z = z + self.read_mlp(z)  # (B, M', Dz)
         # 2. compute
         for layer in self.compute:
-            z = layer(z, c)  # (B, M', Dz)
+            z = layer(z)  # (B, M', Dz)
         # 3. write, the interface norms modulated by c
         h = self.write_norm_x(x)  # (B, N, Dx)
         if self.modulation is not None:
@@ -236,7 +221,6 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         use_cross_attention: bool | None = None,  # latents read the text tokens; None: on iff text is on
         interface_conv: bool = True,  # depthwise 3x3 conv over the patch grid in every block
         interface_modulation: bool = True,  # the interface's LayerNorms scaled and shifted by time + class + text
-        latent_modulation: bool = False,  # the compute layers' LayerNorms scaled and shifted by time + class + text
     ):
         super().__init__()
         if out_channels is None:
@@ -295,7 +279,6 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
                     context_dim=context_dim,
                     interface_conv=interface_conv,
                     interface_modulation=interface_modulation,
-                    latent_modulation=latent_modulation,
                 )
                 for _ in range(num_blocks)
             ]
@@ -324,9 +307,8 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         # 3. zero: the self-conditioning gain's last layer, so at init the previous latents have no effect
         nn.init.zeros_(self.self_cond_gain[-1].weight)
         nn.init.zeros_(self.self_cond_gain[-1].bias)
-        # 4. zero: the interface and latent modulations, so the norms start unmodulated
-        latent_layers = [layer for block in self.blocks for layer in block.compute]
-        for module in [m.modulation for m in [*self.blocks, *latent_layers]] + [self.modulation_out]:
+        # 4. zero: the interface modulations, so the norms start unmodulated
+        for module in [block.modulation for block in self.blocks] + [self.modulation_out]:
             if module is not None:
                 nn.init.zeros_(module.weight)
                 nn.init.zeros_(module.bias)

@@ -118,21 +118,6 @@ def test_interface_modulation_starts_at_zero_and_carries_the_class():
     assert RIN_PRESETS["RIN-cifar"]["interface_conv"] is False  # the paper's model stays the paper's
 
 
-def test_latent_modulation_starts_at_zero_and_conditions_every_latent():
-    x = torch.randn(2, 3, 8, 8)
-    model = tiny_rin(num_classes=4, latent_modulation=True)
-    plain = tiny_rin(num_classes=4)
-    plain.load_state_dict(model.state_dict(), strict=False)  # the same weights apart from the latent modulations
-    out, ref = model(x, 5, class_labels=torch.tensor([0, 1])), plain(x, 5, class_labels=torch.tensor([0, 1]))
-    assert torch.allclose(out.sample, ref.sample, atol=1e-6) and torch.allclose(out.latents, ref.latents, atol=1e-6)
-    # one compute layer: once the modulation is trained, c moves every latent directly, with no attention needed
-    layer = model.blocks[0].compute[0]
-    randomize_zero_init(layer)
-    z, c1, c2 = torch.randn(2, 5, 32), torch.randn(2, 32), torch.randn(2, 32)
-    moved = (layer(z, c1) - layer(z, c2)).abs().amax(-1)  # (B, M)
-    assert (moved > 1e-4).all()
-
-
 def test_bad_inputs_are_clear_errors():
     model = tiny_rin(num_classes=4)
     x = torch.randn(2, 3, 8, 8)
