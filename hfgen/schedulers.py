@@ -45,7 +45,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "sigmoid_alpha_bar")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -116,6 +116,14 @@ def _laplace_alpha_bar(s: float) -> float:
     return math.sqrt(snr / (1 + snr))
 
 
+def _sigmoid_alpha_bar(s: float, start: float = -3.0, end: float = 3.0, tau: float = 1.0) -> float:
+    """Sigmoid schedule on alpha_bar (Chen 2023, "On the Importance of Noise Scheduling"), the one RIN trains with:
+    alpha_bar(s) falls from 1 at s = 0 to 0 at s = 1 along a sigmoid of (start + s (end - start)) / tau."""
+    v_start, v_end = 1 / (1 + math.exp(-start / tau)), 1 / (1 + math.exp(-end / tau))
+    v = 1 / (1 + math.exp(-(start + s * (end - start)) / tau))
+    return (v_end - v) / (v_end - v_start)
+
+
 def make_betas(
     num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str, trained_betas
 ) -> torch.Tensor:
@@ -130,8 +138,10 @@ def make_betas(
         return betas_for_alpha_bar(num_train_timesteps, _cosine_alpha_bar)
     if beta_schedule == "laplace":
         return betas_for_alpha_bar(num_train_timesteps, _laplace_alpha_bar)
-    if beta_schedule == "sigmoid":  # GeoDiff
+    if beta_schedule == "sigmoid":  # GeoDiff's sigmoid on beta, as diffusers' "sigmoid"
         return torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps)) * (beta_end - beta_start) + beta_start
+    if beta_schedule == "sigmoid_alpha_bar":  # RIN's sigmoid on alpha_bar (not in diffusers)
+        return betas_for_alpha_bar(num_train_timesteps, _sigmoid_alpha_bar)
     raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
 
 
@@ -192,6 +202,9 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
                 f"trained_betas must have num_train_timesteps={cfg.num_train_timesteps} entries, "
                 f"got shape {tuple(self.betas.shape)}"
             )
+        if cfg.beta_schedule == "sigmoid_alpha_bar" and cfg.trained_betas is None:
+            # diffusers has no such schedule: the saved config carries the betas, so its schedulers load them
+            self.register_to_config(trained_betas=self.betas.tolist())
         if cfg.rescale_betas_zero_snr:
             self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas

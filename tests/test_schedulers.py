@@ -180,6 +180,29 @@ def test_add_noise_and_velocity_parity():
     assert torch.equal(DDIMScheduler(beta_schedule="sigmoid").alphas_cumprod, sigmoid)
 
 
+def test_rins_sigmoid_schedule_is_on_alpha_bar_and_loads_in_diffusers(tmp_path):
+    def sigmoid(v):
+        return 1 / (1 + math.exp(-v))
+
+    ours = DDPMScheduler(beta_schedule="sigmoid_alpha_bar", prediction_type="v_prediction")
+    ab = (
+        ours.alphas_cumprod
+    )  # alpha_bar_t = gamma((t + 1) / T), gamma(s) = (sig(3) - sig(6 s - 3)) / (sig(3) - sig(-3))
+    for t in (0, 499, 899, 998):
+        s = (t + 1) / 1000
+        expected = (sigmoid(3) - sigmoid(6 * s - 3)) / (sigmoid(3) - sigmoid(-3))
+        assert abs(ab[t].item() - expected) < 1e-5, t
+    assert abs(ab[499].item() - 0.5) < 1e-6  # symmetric: half the signal at mid-schedule
+    assert ab[-1] < 1e-3 and bool((ab[1:] < ab[:-1]).all())
+    # it is not diffusers' "sigmoid" (GeoDiff's sigmoid on beta), whose alpha_bar is 0.30 at mid-schedule
+    assert abs(DDPMScheduler(beta_schedule="sigmoid").alphas_cumprod[499].item() - 0.30) < 0.01
+    # diffusers has no such schedule: the config carries the betas, so diffusers' schedulers load the same tables
+    ours.save_pretrained(tmp_path)
+    for cls in (diffusers.DDPMScheduler, diffusers.DDIMScheduler):
+        assert torch.equal(cls.from_pretrained(tmp_path).alphas_cumprod, ab), cls.__name__
+    assert torch.equal(DDIMScheduler.from_config(ours.config).alphas_cumprod, ab)
+
+
 def test_v_prediction_recovers_x0_and_eps():
     scheduler = DDIMScheduler(prediction_type="v_prediction", clip_sample=False)
     scheduler.set_timesteps(10)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 import hfgen
 from hfgen.clip import tokenize
 from hfgen.data import image_transform
-from hfgen.schedulers import DDIMScheduler, DDPMScheduler
+from hfgen.schedulers import BETA_SCHEDULES, PREDICTION_TYPES, DDIMScheduler, DDPMScheduler
 from hfgen.training_utils import (
     all_finite,
     attach_ema,
@@ -56,8 +56,6 @@ logger = get_logger(__name__)
 
 MODELS = ("unet", "dit", "rin")
 DEFAULT_PRESETS = {"unet": "unet-small", "dit": "DiT-mini/4", "rin": "RIN-small"}  # train on a CPU in minutes
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 
 
 def model_family(name: str) -> tuple[type, dict[str, dict]]:
