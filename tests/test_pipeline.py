@@ -122,13 +122,16 @@ def test_cfg_doubles_the_batch_and_guidance_one_is_a_single_pass():
     assert sizes == [2] * STEPS
 
 
-def test_cfg_formula_over_all_channels():
+@pytest.mark.parametrize("channels", [3, 1, 4])  # RGB, grey digits, VAE latents: no slice may assume 3 channels
+def test_cfg_formula_over_all_channels(channels):
     """With one DDIM step from alpha_bar_t to 1, x_0 hat is a linear function of the guided eps: check it exactly."""
-    unet = tiny_unet(num_classes=3)
+    torch.manual_seed(0)
+    config = {**UNET_PRESETS["unet-tiny"], "in_channels": channels, "out_channels": channels}
+    unet = randomize_zero_params(UNetModel(**config, sample_size=8, num_classes=3))
     sched = DDIMScheduler(clip_sample=False)
     pipe = make_pipe(unet, sched)
     s = 2.5
-    noise = torch.randn(2, 3, 8, 8, generator=gen(3))
+    noise = torch.randn(2, channels, 8, 8, generator=gen(3))
     out = pipe(
         batch_size=2, num_inference_steps=1, latents=noise, class_labels=[0, 1], guidance_scale=s, output_type="latent"
     ).images
@@ -160,13 +163,40 @@ def test_learned_sigma_passes_or_drops_the_variance_half(variance_type, expected
 def test_rin_self_conditioning_carries_latents_through_the_steps():
     torch.manual_seed(0)
     rin = randomize_zero_params(RINModel(**RIN_PRESETS["RIN-tiny"], sample_size=8, num_classes=3))
-    prev = []
-    rin.register_forward_hook(lambda m, args, kwargs, out: prev.append(kwargs.get("prev_latents")), with_kwargs=True)
+    prev, returned = [], []
+
+    def hook(module, args, kwargs, out):
+        prev.append(kwargs.get("prev_latents"))
+        returned.append(out.latents)
+
+    rin.register_forward_hook(hook, with_kwargs=True)
     pipe = make_pipe(rin)
     pipe(batch_size=2, num_inference_steps=STEPS, class_labels=[0, 1], guidance_scale=2.0, output_type="pt")
-    assert prev[0] is None
+    assert len(prev) == STEPS and prev[0] is None
     num_latents, latent_dim = RIN_PRESETS["RIN-tiny"]["num_latents"], RIN_PRESETS["RIN-tiny"]["latent_dim"]
-    assert all(p is not None and p.shape == (4, num_latents, latent_dim) for p in prev[1:])  # doubled with CFG
+    assert returned[0].shape == (4, num_latents, latent_dim)  # doubled with CFG
+    for i in range(1, STEPS):  # each step starts from exactly the latents the previous step returned
+        assert torch.equal(prev[i], returned[i - 1]), i
+
+
+@pytest.mark.parametrize("family", ["dit", "rin"])
+def test_transformer_pipelines_save_and_load_to_identical_images(tmp_path, family):
+    torch.manual_seed(0)
+    if family == "dit":
+        denoiser = DiTModel(**DIT_PRESETS["DiT-tiny/2"], sample_size=8, num_classes=3, learn_sigma=True)
+        scheduler = DDPMScheduler(variance_type="learned_range")
+    else:
+        denoiser = RINModel(**RIN_PRESETS["RIN-tiny"], sample_size=8, num_classes=3)
+        scheduler = DDIMScheduler()
+    pipe = make_pipe(randomize_zero_params(denoiser), scheduler)
+    pipe.save_pretrained(tmp_path)
+    loaded = HFGenPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.denoiser) is type(denoiser) and type(loaded.scheduler) is type(scheduler)
+    kwargs = {"batch_size": 2, "num_inference_steps": STEPS, "class_labels": [0, 2], "guidance_scale": 2.0}
+    before = pipe(**kwargs, generator=gen(5), output_type="pt").images
+    after = loaded(**kwargs, generator=gen(5), output_type="pt").images
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
 
 
 def test_latent_diffusion_with_vae():

@@ -123,6 +123,33 @@ def test_rin_self_conditioning(tmp_path, monkeypatch):
     assert HFGenPipeline.from_pretrained(tmp_path).denoiser.config.num_latents == 8
 
 
+def test_label_dropout_sends_the_null_label_and_the_defaults_are_the_issues(tmp_path, monkeypatch):
+    from hfgen import UNetModel
+
+    defaults = parse_args(["--output_dir", str(tmp_path)])
+    assert defaults.cond_dropout == 0.1 and defaults.self_cond_prob == 0.9  # 10% label dropout, RIN's 0.9
+    seen = []
+    forward = UNetModel.forward
+
+    def recording_forward(self, sample, timestep, class_labels=None, **kwargs):
+        if torch.is_grad_enabled():  # training passes only, not the validation samples
+            seen.append(class_labels.clone())
+        return forward(self, sample, timestep, class_labels=class_labels, **kwargs)
+
+    monkeypatch.setattr(UNetModel, "forward", recording_forward)
+    labels = {}
+    for dropout in ("0", "0.5"):
+        seen.clear()
+        run(tmp_path / dropout, "--conditioning", "class", "--cond_dropout", dropout, "--max_train_steps", "6")
+        labels[dropout] = torch.cat(seen)
+    null = HFGenPipeline.from_pretrained(tmp_path / "0").denoiser.config.num_classes
+    assert len(labels["0"]) == 24 and not (labels["0"] == null).any() and (labels["0"] < null).all()
+    dropped = (labels["0.5"] == null).float().mean().item()  # the same batches and seed: only the dropout differs
+    assert 0.2 < dropped < 0.8, dropped
+    kept = labels["0.5"] != null
+    assert torch.equal(labels["0.5"][kept], labels["0"][kept])  # the other rows keep their own label
+
+
 def test_nonfinite_loss_stops_without_nan_checkpoints(tmp_path):
     with pytest.raises(RuntimeError, match="non-finite"):
         run(tmp_path, "--learning_rate", "1e30", "--lr_scheduler", "constant", "--max_train_steps", "20",
