@@ -166,25 +166,25 @@ def _data_rows():
                 lambda tmp, s=s: train(s, tmp, "--train_data_dir", image_folder(tmp), *column[s]),
                 ValueError,
                 r"_column 'nope' is not a column of the data set; its columns are \[",
-            ),  # fmt: skip
+            ),
             R(
                 f"train_{s}-empty-data",
                 lambda tmp, s=s: train(s, tmp, "--train_data_dir", image_folder(tmp, "empty")),
                 ValueError,
                 r"train_data_dir '.*data-empty' contains no images",
-            ),  # fmt: skip
+            ),
             R(
                 f"train_{s}-unreadable-image",
                 lambda tmp, s=s: train(s, tmp, "--train_data_dir", image_folder(tmp, "corrupt"), *extra.get(s, ())),
                 ValueError,
                 r"cannot read image .*3\.png",
-            ),  # fmt: skip
+            ),
             R(
                 f"train_{s}-resume-missing",
                 lambda tmp, s=s: train(s, tmp, "--resume_from_checkpoint", str(tmp / "checkpoint-7")),
                 ValueError,
                 r"--resume_from_checkpoint '.*checkpoint-7'",
-            ),  # fmt: skip
+            ),
         ]
     return rows
 
@@ -219,32 +219,32 @@ ROWS = [
         lambda: unet()(x(2, 3, 8, 8), torch.tensor([1, 2, 3])),
         ValueError,
         r"timestep must be a scalar or have one value per sample \(2\), got 3",
-    ),  # fmt: skip
+    ),
     R("unet-timestep-type", lambda: unet()(x(1, 3, 8, 8), "1"), TypeError, r"timestep must be a number or a tensor"),
     R(
         "unet-labels-unconditional",
         lambda: unet()(x(1, 3, 8, 8), 1, class_labels=torch.tensor([0])),
         ValueError,
         r"class_labels were given but the model is unconditional",
-    ),  # fmt: skip
+    ),
     R(
         "unet-labels-range",
         lambda: unet_cls()(x(1, 3, 8, 8), 1, class_labels=torch.tensor([4])),
         ValueError,
         r"class_labels must be in \[0, 3\].*got \[4\]",
-    ),  # fmt: skip
+    ),
     R(
         "unet-labels-float",
         lambda: unet_cls()(x(1, 3, 8, 8), 1, class_labels=torch.tensor([0.5])),
         TypeError,
         r"class_labels must be integers, got dtype torch.float32",
-    ),  # fmt: skip
+    ),
     R(
         "unet-text-without-cross-attention",
         lambda: unet()(x(1, 3, 8, 8), 1, encoder_hidden_states=x(1, 2, 8)),
         ValueError,
         r"encoder_hidden_states were given but the model has no text conditioning",
-    ),  # fmt: skip
+    ),
     R("dit-rank", lambda: dit()(x(3, 8, 8), 1), ValueError, r"sample must have shape \(B, C, H, W\), got rank 3"),
     R("dit-channels", lambda: dit()(x(1, 1, 8, 8), 1), ValueError, r"sample has 1 channels.*in_channels is 3"),
     R("dit-patch", lambda: dit()(x(1, 3, 9, 9), 1), ValueError, r"divisible by 2 .*got 9x9"),
@@ -254,7 +254,7 @@ ROWS = [
         lambda: dit()(x(2, 3, 8, 8), 1, class_labels=torch.tensor([0, -1])),
         ValueError,
         r"class_labels must be in \[0, 3\].*got \[0, -1\]",
-    ),  # fmt: skip
+    ),
     R("rin-rank", lambda: rin()(x(8, 8), 1), ValueError, r"sample must have shape \(B, C, H, W\), got rank 2"),
     R("rin-channels", lambda: rin()(x(1, 2, 8, 8), 1), ValueError, r"sample has 2 channels.*in_channels is 3"),
     R("rin-patch", lambda: rin()(x(1, 3, 7, 7), 1), ValueError, r"divisible by 2 .*got 7x7"),
@@ -264,13 +264,13 @@ ROWS = [
         lambda: rin()(x(1, 3, 8, 8), 1, class_labels=torch.tensor([9])),
         ValueError,
         r"class_labels must be in \[0, 3\].*got \[9\]",
-    ),  # fmt: skip
+    ),
     R(
         "rin-prev-latents",
         lambda: rin()(x(1, 3, 8, 8), 1, prev_latents=x(1, 3, 32)),
         ValueError,
         r"prev_latents must have shape \(1, 8, 32\), got \(1, 3, 32\)",
-    ),  # fmt: skip
+    ),
     # --- autoencoders -----------------------------------------------------------------------------------------------
     R("ae-encode-rank", lambda: ae().encode(x(3, 8, 8)), ValueError, r"sample must have shape \(B, C, H, W\)"),
     R("ae-encode-channels", lambda: ae().encode(x(1, 1, 8, 8)), ValueError, r"sample has 1 channels.*in_channels"),
@@ -288,7 +288,7 @@ ROWS = [
         lambda: gan_g_cls()(x(2, 16), torch.tensor([0, 3])),
         ValueError,
         r"class_labels must be in \[0, 2\], got \[0, 3\]",
-    ),  # fmt: skip
+    ),
     R("gan-d-rank", lambda: gan_d()(x(3, 8, 8)), ValueError, r"sample must have shape \(B, C, H, W\)"),
     R("gan-d-channels", lambda: gan_d()(x(1, 1, 8, 8), torch.tensor([0])), ValueError, r"sample has 1 channels"),
     R("gan-d-size", lambda: gan_d()(x(1, 3, 16, 16), torch.tensor([0])), ValueError, r"must be 8x8.*got 16x16"),
@@ -297,131 +297,131 @@ ROWS = [
         lambda: gan_d()(x(1, 3, 8, 8), torch.tensor([-1])),
         ValueError,
         r"class_labels must be in \[0, 2\], got \[-1\]",
-    ),  # fmt: skip
+    ),
     # --- schedulers -------------------------------------------------------------------------------------------------
     R(
         "ddpm-beta-schedule",
         lambda: DDPMScheduler(beta_schedule="cosine-ish"),
         ValueError,
         r"beta_schedule must be one of .*got 'cosine-ish'",
-    ),  # fmt: skip
+    ),
     R(
         "ddim-prediction-type",
         lambda: DDIMScheduler(prediction_type="eps"),
         ValueError,
         r"prediction_type must be one of .*got 'eps'",
-    ),  # fmt: skip
+    ),
     R(
         "ddpm-steps-range",
         lambda: DDPMScheduler(num_train_timesteps=T).set_timesteps(T + 1),
         ValueError,
         r"num_inference_steps must be in \[1, num_train_timesteps=10\], got 11",
-    ),  # fmt: skip
+    ),
     R(
         "ddim-custom-timesteps-range",
         lambda: DDIMScheduler(num_train_timesteps=T).set_timesteps(timesteps=[12, 3]),
         ValueError,
         r"timesteps must lie in \[0, 9\].*got \[12, 3\]",
-    ),  # fmt: skip
+    ),
     R(
         "ddpm-step-timestep-range",
         lambda: DDPMScheduler(num_train_timesteps=T).step(x(1, 3, 4, 4), 10, x(1, 3, 4, 4)),
         ValueError,
         r"timestep must be in \[0, 9\] \(num_train_timesteps=10\), got 10",
-    ),  # fmt: skip
+    ),
     R(
         "ddim-step-timestep-range",
         lambda: DDIMScheduler(num_train_timesteps=T).step(x(1, 3, 4, 4), -1, x(1, 3, 4, 4)),
         ValueError,
         r"timestep must be in \[0, 9\] \(num_train_timesteps=10\), got -1",
-    ),  # fmt: skip
+    ),
     R(
         "ddpm-step-channels",
         lambda: DDPMScheduler(num_train_timesteps=T).step(x(1, 4, 4, 4), 9, x(1, 3, 4, 4)),
         ValueError,
         r"model_output must have 3 channels like sample, got 4",
-    ),  # fmt: skip
+    ),
     R(
         "ddim-step-channels",
         lambda: DDIMScheduler(num_train_timesteps=T).step(x(1, 4, 4, 4), 9, x(1, 3, 4, 4)),
         ValueError,
         r"model_output must have .*shape .*\(1, 3, 4, 4\).*got \(1, 4, 4, 4\)",
-    ),  # fmt: skip
+    ),
     R(
         "ddpm-add-noise-range",
         lambda: DDPMScheduler(num_train_timesteps=T).add_noise(x(2, 3), x(2, 3), torch.tensor([0, 10])),
         ValueError,
         r"timestep must be in \[0, 9\].*got 0\.\.10",
-    ),  # fmt: skip
+    ),
     R(
         "ddim-add-noise-float",
         lambda: DDIMScheduler(num_train_timesteps=T).add_noise(x(2, 3), x(2, 3), torch.tensor([0.5, 1.0])),
         TypeError,
         r"timesteps must be integers, got dtype torch.float32",
-    ),  # fmt: skip
+    ),
     # --- HFGenPipeline ----------------------------------------------------------------------------------------------
     R(
         "pipe-generator-list",
         lambda: pipe_call(pipe(), batch_size=3, generator=gens(2)),
         ValueError,
         r"generator is a list of 2 generators, but batch_size is 3",
-    ),  # fmt: skip
+    ),
     R(
         "pipe-output-type",
         lambda: pipe_call(pipe(), output_type="tensor"),
         ValueError,
         r"output_type must be one of \('pil', 'np', 'pt', 'latent'\), got 'tensor'",
-    ),  # fmt: skip
+    ),
     R(
         "pipe-guidance-unconditional",
         lambda: pipe_call(pipe(), guidance_scale=3.0),
         ValueError,
         r"guidance_scale=3.0 needs class_labels and a class-conditional denoiser \(config.num_classes=None\)",
-    ),  # fmt: skip
+    ),
     R(
         "pipe-labels-unconditional",
         lambda: pipe_call(pipe(), class_labels=1),
         ValueError,
         r"class_labels were given \(1\) but the denoiser is unconditional",
-    ),  # fmt: skip
+    ),
     R(
         "pipe-labels-range",
         lambda: pipe_call(pipe_cls(), batch_size=2, class_labels=[0, 3]),
         ValueError,
         r"class_labels must be in \[0, 2\] \(num_classes=3\)",
-    ),  # fmt: skip
+    ),
     R(
         "pipe-labels-count",
         lambda: pipe_call(pipe_cls(), batch_size=2, class_labels=[0, 1, 2]),
         ValueError,
         r"class_labels must be one int or 2 labels \(batch_size\), got 3",
-    ),  # fmt: skip
+    ),
     R(
         "pipe-latents-shape",
         lambda: pipe_call(pipe(), latents=x(1, 3, 4, 4)),
         ValueError,
         r"latents must have shape \(1, 3, 8, 8\).*got \(1, 3, 4, 4\)",
-    ),  # fmt: skip
+    ),
     R("pipe-batch-size", lambda: pipe_call(pipe(), batch_size=0), ValueError, r"batch_size must be an int >= 1, got 0"),
     R(
         "pipe-steps",
         lambda: pipe_call(pipe(), num_inference_steps=T + 5),
         ValueError,
         r"num_inference_steps must be in \[1, num_train_timesteps=10\], got 15",
-    ),  # fmt: skip
+    ),
     # --- HFGenTextToImagePipeline -----------------------------------------------------------------------------------
     R(
         "t2i-denoiser-without-text",
         lambda: HFGenTextToImagePipeline(unet(), DDIMScheduler(), *reversed(text_parts())),
         ValueError,
         r"cross_attention_dim \(None\) must equal the text encoder's hidden_size \(32\)",
-    ),  # fmt: skip
+    ),
     R(
         "t2i-generator-list",
         lambda: t2i_call(prompt=["a", "b"], generator=gens(3)),
         ValueError,
         r"generator is a list of 3 generators, but 2 images are asked for",
-    ),  # fmt: skip
+    ),
     R("t2i-output-type", lambda: t2i_call(output_type="PIL"), ValueError, r"output_type must be one of .*got 'PIL'"),
     R("t2i-size", lambda: t2i_call(height=7), ValueError, r"height and width must be positive multiples of 2.*got 7x8"),
     R(
@@ -436,59 +436,59 @@ ROWS = [
         lambda: t2i_call(prompt=None, prompt_embeds=x(1, 8, 5)),
         ValueError,
         r"prompt_embeds must have shape \(B, L, 32\), got \(1, 8, 5\)",
-    ),  # fmt: skip
+    ),
     # --- HFGenVAEPipeline -------------------------------------------------------------------------------------------
     R(
         "vae-pipe-generator-list",
         lambda: vae_pipe()(batch_size=3, generator=gens(2), output_type="pt"),
         ValueError,
         r"generator is a list of 2 generators, but batch_size is 3",
-    ),  # fmt: skip
+    ),
     R(
         "vae-pipe-generator-list-of-one",
         lambda: vae_pipe()(batch_size=3, generator=gens(1), output_type="pt"),
         ValueError,
         r"generator is a list of 1 generators, but batch_size is 3",
-    ),  # fmt: skip
+    ),
     R("vae-pipe-output-type", lambda: vae_pipe()(output_type="jpg"), ValueError, r"output_type must be one of .*'jpg'"),
     R(
         "vae-pipe-latents",
         lambda: vae_pipe()(latents=x(1, 3, 2, 2)),
         ValueError,
         r"latents must have shape \(B, 4, h, w\), got \(1, 3, 2, 2\)",
-    ),  # fmt: skip
+    ),
     R(
         "vae-pipe-reconstruct-size",
         lambda: vae_pipe().reconstruct(x(1, 3, 6, 6), output_type="pt"),
         ValueError,
         r"divisible by 4, got 6x6",
-    ),  # fmt: skip
+    ),
     R(
         "vae-pipe-interpolate-steps",
         lambda: vae_pipe().interpolate(x(1, 3, 8, 8), x(1, 3, 8, 8), num_steps=1),
         ValueError,
         r"num_steps must be >= 2, got 1",
-    ),  # fmt: skip
+    ),
     # --- HFGenGANPipeline -------------------------------------------------------------------------------------------
     R(
         "gan-pipe-generator-list",
         lambda: gan_pipe()(batch_size=3, generator=gens(4), output_type="pt"),
         ValueError,
         r"generator is a list of 4 generators, but batch_size is 3",
-    ),  # fmt: skip
+    ),
     R("gan-pipe-output-type", lambda: gan_pipe()(output_type="tensor"), ValueError, r"output_type must be one of"),
     R(
         "gan-pipe-labels-unconditional",
         lambda: gan_pipe()(class_labels=1),
         ValueError,
         r"class_labels were given but the generator is unconditional",
-    ),  # fmt: skip
+    ),
     R(
         "gan-pipe-labels-range",
         lambda: gan_pipe_cls()(batch_size=2, class_labels=[1, 3]),
         ValueError,
         r"class_labels must be in \[0, 2\], got \[1, 3\]",
-    ),  # fmt: skip
+    ),
     R("gan-pipe-latents", lambda: gan_pipe()(latents=x(2, 3)), ValueError, r"latents must have shape \(B, 16\)"),
     R("gan-pipe-truncation", lambda: gan_pipe()(truncation=0.0), ValueError, r"truncation must be > 0, got 0.0"),
     # --- training scripts: arguments --------------------------------------------------------------------------------
@@ -497,26 +497,26 @@ ROWS = [
         lambda: train_diffusion.parse_args(["--output_dir", "o", "--resolution", "0"]),
         ValueError,
         r"--resolution must be >= 1, got 0",
-    ),  # fmt: skip
+    ),
     R(
         "train_diffusion-model-config",
         lambda: train_diffusion.parse_args(["--output_dir", "o", "--model_config", "unet-huge"]),
         ValueError,
         r"--model_config 'unet-huge' is neither a JSON file nor a unet preset",
-    ),  # fmt: skip
+    ),
     R(
         "train_autoencoder-resolution",
         lambda: train_autoencoder.parse_args(["--preset", "ae-tiny", "--resolution", "6"]),
         ValueError,
         r"--resolution \(6\) must be divisible by .* 4",
-    ),  # fmt: skip
+    ),
     R("train_gan-r1", lambda: train_gan.parse_args(["--r1_gamma", "-1"]), ValueError, r"--r1_gamma must be >= 0, got"),
     R(
         "train_clip-patch",
         lambda: train_clip.parse_args(["--resolution", "10", "--patch_size", "4"]),
         ValueError,
         r"--resolution \(10\) must be divisible by --patch_size \(4\)",
-    ),  # fmt: skip
+    ),
     # --- training scripts: data and checkpoints ---------------------------------------------------------------------
     *_data_rows(),
 ]
