@@ -53,7 +53,8 @@ from .loading import SafeLoadingMixin
 
 
 class FeedForward(nn.Module):
-    """Pre-norm token-wise MLP: LayerNorm -> Linear -> GELU -> Linear, (B, N, D) -> (B, N, D)."""
+    """Pre-norm token-wise MLP: LayerNorm -> Linear -> GELU -> Linear, (B, N, D) -> (B, N, D); the norm's output
+    optionally modulated by a per-sample (shift, scale), each (B, D)."""
 
     def __init__(self, dim: int, mlp_ratio: float):
         super().__init__()
@@ -62,8 +63,11 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+    def forward(self, x: torch.Tensor, shift_scale: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        h = self.norm(x)
+        if shift_scale is not None:
+            h = modulate(h, *shift_scale)
+        return self.fc2(F.gelu(self.fc1(h)))
 
 
 class LatentLayer(nn.Module):
@@ -173,14 +177,13 @@ class RINBlock(nn.Module):
             z = layer(z)  # (B, M', Dz)
         # 3. write, the interface norms modulated by c
         h = self.write_norm_x(x)  # (B, N, Dx)
+        mlp_shift_scale = None
         if self.modulation is not None:
             shift_w, scale_w, shift_m, scale_m = self.modulation(c).chunk(4, dim=-1)  # 4 x (B, Dx)
             h = modulate(h, shift_w, scale_w)
+            mlp_shift_scale = (shift_m, scale_m)
         x = x + self.write_attn(h, self.write_norm_z(z))  # (B, N, Dx)
-        h = self.write_mlp.norm(x)
-        if self.modulation is not None:
-            h = modulate(h, shift_m, scale_m)
-        x = x + self.write_mlp.fc2(F.gelu(self.write_mlp.fc1(h)))  # (B, N, Dx)
+        x = x + self.write_mlp(x, mlp_shift_scale)  # (B, N, Dx)
         return x, z
 
 
@@ -300,8 +303,8 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         w = self.x_embedder.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
-        grid = int(self.pos_embed.shape[1] ** 0.5)
-        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid, grid)[None])
+        grid = self.config.sample_size // self.config.patch_size
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.config.interface_dim, grid, grid)[None])
         nn.init.trunc_normal_(self.latents, std=0.02)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.weight, std=0.02)
