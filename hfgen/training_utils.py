@@ -22,6 +22,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import torch
 from accelerate.logging import get_logger
@@ -66,21 +67,69 @@ def check_resume_arg(resume_from_checkpoint: str | None) -> None:
         raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint-<step> folder (or 'latest')")
 
 
+MANIFEST_FILE = "hfgen_manifest.json"  # {relative file name: size in bytes}, written last at save time
+
+
+def checkpoint_damage(path: str) -> str | None:
+    """What is wrong with the checkpoint folder ``path`` (a missing or resized file against its manifest, or a
+    safetensors file whose header does not open), or None when it is whole."""
+    manifest = Path(path, MANIFEST_FILE)
+    if manifest.is_file():
+        for name, size in json.loads(manifest.read_text()).items():
+            file = Path(path, name)
+            if not file.is_file():
+                return f"{file} is missing"
+            if file.stat().st_size != size:
+                return f"{file} has {file.stat().st_size} bytes, {size} when saved"
+        return None
+    from safetensors import safe_open  # a checkpoint written before manifests: open every weights file
+
+    for file in sorted(Path(path).rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # safetensors raises its own SafetensorError
+            return f"{file} does not open ({err})"
+    return None
+
+
 def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> tuple[str | None, int]:
-    """The checkpoint to resume from and its step; ``latest`` with no checkpoint means a fresh start (None, 0)."""
+    """
+    The checkpoint to resume from and its step; ``latest`` with no checkpoint means a fresh start (None, 0).
+    ``latest`` is the newest whole checkpoint (a damaged newer one is skipped with a warning); an explicit damaged
+    checkpoint is a ``ValueError`` naming the damaged file and the newest whole checkpoint.
+    """
     if resume_from_checkpoint is None:
         return None, 0
+    found = list_checkpoints(output_dir)
     if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        return (found[-1][1], found[-1][0]) if found else (None, 0)
+        for step, path in reversed(found):
+            damage = checkpoint_damage(path)
+            if damage is None:
+                return path, step
+            logger.warning(f"skipping damaged checkpoint {path}: {damage}", main_process_only=False)
+        return None, 0
     path = resume_from_checkpoint
     m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
     if not os.path.isdir(path) or not m:
         raise ValueError(
             f"--resume_from_checkpoint {path!r} is not a checkpoint-<step> folder "
-            f"(or 'latest'); found {[p for _, p in list_checkpoints(output_dir)]}"
+            f"(or 'latest'); found {[p for _, p in found]}"
+        )
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        good = next((p for _, p in reversed(found) if checkpoint_damage(p) is None), None)
+        raise ValueError(
+            f"--resume_from_checkpoint {path!r} is damaged: {damage}; the newest whole checkpoint is {good}"
         )
     return path, int(m.group(1))
+
+
+def write_manifest(folder: str) -> None:
+    """Record every file of the checkpoint ``folder`` with its size (``MANIFEST_FILE``), so a damaged copy is found."""
+    files = sorted(f for f in Path(folder).rglob("*") if f.is_file() and f.name != MANIFEST_FILE)
+    sizes = {str(f.relative_to(folder)): f.stat().st_size for f in files}
+    Path(folder, MANIFEST_FILE).write_text(json.dumps(sizes, indent=1))
 
 
 def all_finite(tensors) -> bool:
@@ -132,6 +181,7 @@ def save_checkpoint(
         Path(tmp, SCRIPT_STATE_FILE).write_text(json.dumps(script_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_manifest(tmp)  # last, once every process has written its files
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -159,6 +209,164 @@ def read_script_state(resume_from_checkpoint: str | None, output_dir: str) -> di
     if path is None or not os.path.exists(os.path.join(path, SCRIPT_STATE_FILE)):
         return {}
     return json.loads(Path(path, SCRIPT_STATE_FILE).read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Many processes: keyed draws, decisions every rank takes alike, global-batch statistics
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def keyed_generator(seed: int, *key: int) -> torch.Generator:
+    """A CPU generator that is a function of ``(seed, *key)`` only (e.g. the step and micro-batch), independent of
+    history, so a resumed run draws what an uninterrupted one does."""
+    state = np.random.SeedSequence([seed, *key]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class GlobalBatchDraws:
+    """
+    The random draws of one step, made for the whole global batch (all processes) from one keyed generator, of which
+    this process keeps its own rows. Accelerate gives process i the rows [i * b, (i + 1) * b) of the global batch, so
+    2 processes x batch b draw exactly what 1 process x batch 2b draws.
+
+    :param local_batch: b, this process's batch size.
+    """
+
+    def __init__(self, accelerator, local_batch: int, seed: int, *key: int):
+        self.generator = keyed_generator(seed, *key)
+        self.global_batch = local_batch * accelerator.num_processes
+        self.rows = slice(accelerator.process_index * local_batch, (accelerator.process_index + 1) * local_batch)
+        self.device = accelerator.device
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        """Standard normal (b, *shape) on the device."""
+        return torch.randn(self.global_batch, *shape, generator=self.generator)[self.rows].to(self.device)
+
+    def rand(self) -> torch.Tensor:
+        """Uniform [0, 1) (b,) on the device."""
+        return torch.rand(self.global_batch, generator=self.generator)[self.rows].to(self.device)
+
+    def randint(self, high: int) -> torch.Tensor:
+        """Integers in [0, high) (b,) on the device."""
+        return torch.randint(0, high, (self.global_batch,), generator=self.generator)[self.rows].to(self.device)
+
+
+def finite_on_all_ranks(accelerator, *tensors: torch.Tensor) -> bool:
+    """True when no tensor holds NaN or inf on any process: the same answer on every rank, so all of them skip a
+    step together (a rank that skips alone would leave the others waiting in the gradient all-reduce)."""
+    flag = torch.tensor([float(all_finite(tensors))], device=accelerator.device)
+    return bool(accelerator.gather(flag).min() > 0)
+
+
+class NonFiniteGuard:
+    """
+    The one rule of every script for a non-finite loss or gradient: the flag is reduced over all processes first
+    (``finite_on_all_ranks``), so every rank skips the same update, still joins the gradient all-reduce, and never
+    steps its optimizer with NaN; after ``max_skips`` skipped updates the run stops with a ``RuntimeError`` (on every
+    rank, at the same step).
+
+    Use: ``guard.check(loss)`` after each forward (and ``guard.check(grad_norm)`` after clipping); step the optimizer
+    only when ``guard.ok``; then ``guard.end_update(step)`` once per optimizer update.
+    """
+
+    def __init__(self, accelerator, max_skips: int, skipped: int = 0):
+        self.accelerator, self.max_skips, self.skipped = accelerator, max_skips, skipped
+        self.ok = True  # the pending update has been finite on every rank so far
+
+    def check(self, *tensors: torch.Tensor | None) -> bool:
+        """Fold ``tensors`` (None is ignored) into the pending update's flag; returns the flag."""
+        tensors = [t for t in tensors if t is not None]
+        self.ok = finite_on_all_ranks(self.accelerator, *tensors) and self.ok
+        return self.ok
+
+    def end_update(self, step: int) -> bool:
+        """Close the pending update; True when it was skipped (counted, logged, and fatal past ``max_skips``)."""
+        skipped, self.ok = not self.ok, True
+        if skipped:
+            self.skipped += 1
+            logger.warning(
+                f"step {step}: non-finite loss or gradient, update skipped ({self.skipped}/{self.max_skips})"
+            )
+            if self.skipped >= self.max_skips:
+                raise RuntimeError(
+                    f"stopping at step {step}: {self.skipped} updates had a non-finite loss or gradient "
+                    f"(--max_nonfinite_steps {self.max_skips}); lower --learning_rate or try --mixed_precision no"
+                )
+        return skipped
+
+
+def gather_with_grad(accelerator, x: torch.Tensor) -> torch.Tensor:
+    """(b, ...) on each process -> (num_processes * b, ...), rows in process order; gradients flow back to every
+    process's own rows (summed over processes, as open_clip's ``gather_with_grad``)."""
+    if accelerator.num_processes == 1:
+        return x
+    import torch.distributed.nn.functional as dist_nn
+
+    return torch.cat(dist_nn.all_gather(x.contiguous()))
+
+
+class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+    """
+    BatchNorm2d whose training statistics are those of the global batch over all processes, on any device (torch's
+    ``SyncBatchNorm`` runs on GPUs only); with one process it is ``BatchNorm2d``. Mean and variance come from an
+    all-reduce of the per-channel count, sum and sum of squares, with gradients through the all-reduce.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:param x: (B, C, H, W). :return: (B, C, H, W)."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not (self.training and distributed and torch.distributed.get_world_size() > 1):
+            return super().forward(x)
+        import torch.distributed.nn.functional as dist_nn
+
+        xf = x.float()
+        count = torch.full((1,), xf.numel() / xf.shape[1], device=x.device)
+        stats = torch.cat([count, xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3))])  # (1 + 2C,)
+        stats = dist_nn.all_reduce(stats)
+        n, C = stats[0], x.shape[1]
+        mean = stats[1 : 1 + C] / n
+        var = (stats[1 + C :] / n - mean * mean).clamp(min=0)  # biased, as BatchNorm normalises with
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Every ``BatchNorm2d`` of ``module`` computes global-batch statistics: torch's ``SyncBatchNorm`` on CUDA,
+    ``GlobalBatchNorm2d`` elsewhere (same weights, buffers and results)."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is torch.nn.BatchNorm2d:
+            bn = GlobalBatchNorm2d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn)
+        else:
+            convert_sync_batchnorm(child, device)
+    return module
+
+
+def plain_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Undo ``convert_sync_batchnorm`` in place (for a copy used by one process alone, e.g. for sampling)."""
+    for name, child in module.named_children():
+        if isinstance(child, (GlobalBatchNorm2d, torch.nn.SyncBatchNorm)):
+            bn = torch.nn.BatchNorm2d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn.to(child.running_mean.device))
+        else:
+            plain_batchnorm(child)
+    return module
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -233,3 +441,37 @@ def to_pil_grid(images: torch.Tensor, cols: int) -> PIL.Image.Image:
     for i in range(n):
         grid[:, i // cols * h : (i // cols + 1) * h, i % cols * w : (i % cols + 1) * w] = x[i]
     return PIL.Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trackers
+# ----------------------------------------------------------------------------------------------------------------------
+
+# what ``--report_to`` accepts: Accelerate's trackers, "all" of the installed ones, or "none"
+REPORT_TO_CHOICES = (
+    "tensorboard",
+    "wandb",
+    "comet_ml",
+    "aim",
+    "mlflow",
+    "clearml",
+    "dvclive",
+    "swanlab",
+    "all",
+    "none",
+)
+
+
+def tracker_arg(report_to: str) -> str | None:
+    """``--report_to`` as ``Accelerator(log_with=...)`` takes it ("none" -> None)."""
+    return None if report_to == "none" else report_to
+
+
+def log_image_grid(accelerator, tag: str, grid: PIL.Image.Image, step: int) -> None:
+    """Log one image (a sample grid) to every active tracker: TensorBoard's ``add_image``, and the tracker's own
+    ``log_images`` for the others (``wandb.Image`` for wandb)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({tag: [grid]}, step=step)

@@ -24,7 +24,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -43,13 +42,19 @@ from hfgen.autoencoder import (
 from hfgen.data import image_transform
 from hfgen.pipelines import HFGenVAEPipeline
 from hfgen.training_utils import (
+    REPORT_TO_CHOICES,
+    GlobalBatchDraws,
+    NonFiniteGuard,
     attach_ema,
     check_resume_arg,
     load_checkpoint,
     load_train_dataset,
+    log_image_grid,
+    read_script_state,
     remove_partial_checkpoints,
     save_checkpoint,
     to_pil_grid,
+    tracker_arg,
 )
 
 logger = get_logger(__name__)
@@ -102,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     p.add_argument("--use_ema", action="store_true", help="save an exponential moving average of the weights")
     p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--max_nonfinite_steps", type=int, default=10, help="stop after this many non-finite updates")
     # output
     p.add_argument("--output_dir", default="vae-model")
     p.add_argument("--checkpointing_steps", type=int, default=500)
@@ -110,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample_steps", type=int, default=500, help="write reconstruction / prior grids every N steps")
     p.add_argument("--num_sample_images", type=int, default=16)
     p.add_argument("--logging_dir", default="logs")
-    p.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
+    p.add_argument("--report_to", default="tensorboard", choices=REPORT_TO_CHOICES, help="an Accelerate tracker")
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
     args = p.parse_args(argv)
@@ -155,11 +161,19 @@ def kl_beta(args, step: int) -> float:
     return args.kl_weight * min(1.0, step / args.kl_warmup_steps)
 
 
-def batch_generator(seed: int, epoch: int, batch: int, process_index: int) -> torch.Generator:
-    """The generator of one batch's posterior sample: a function of (seed, epoch, batch, process) only, independent
-    of history, so a resumed run draws what an uninterrupted one does."""
-    state = np.random.SeedSequence([seed, epoch, batch, process_index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+class EncodeDecode(torch.nn.Module):
+    """The training forward, x -> q(z|x) -> z = mean + std * eps -> reconstruction, as one module, so that it runs
+    through the prepared (DDP, autocast) wrapper; the loss stays outside."""
+
+    def __init__(self, vae: AutoencoderModel):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple:
+        """:param x: (B, C, H, W) in [-1, 1]. :param eps: (B, c, h, w) standard normal. :return: (recon, posterior)."""
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * eps  # the AE's posterior is a point mass: std = 0
+        return self.vae.decode(z).sample, posterior  # (B, C, H, W)
 
 
 @torch.no_grad()
@@ -177,10 +191,8 @@ def log_samples(vae, fixed_images: torch.Tensor, args, accelerator: Accelerator,
     folder.mkdir(parents=True, exist_ok=True)
     recon_grid.save(folder / f"reconstructions-{step:06d}.png")
     prior_grid.save(folder / f"prior-{step:06d}.png")
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            for tag, grid in (("reconstructions", recon_grid), ("prior_samples", prior_grid)):
-                tracker.writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
+    log_image_grid(accelerator, "reconstructions", recon_grid, step)
+    log_image_grid(accelerator, "prior_samples", prior_grid, step)
     vae.train()
 
 
@@ -211,7 +223,7 @@ def main(args: argparse.Namespace) -> dict:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # data order = f(seed, epoch)
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=tracker_arg(args.report_to),
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -259,7 +271,7 @@ def main(args: argparse.Namespace) -> dict:
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
-    vae, optimizer, loader, lr_scheduler = accelerator.prepare(vae, optimizer, loader, lr_scheduler)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(EncodeDecode(vae), optimizer, loader, lr_scheduler)
     if ema is not None:
         attach_ema(accelerator, ema)  # on the device, saved in the checkpoints as safetensors
     if accelerator.is_main_process and args.report_to != "none":
@@ -275,42 +287,41 @@ def main(args: argparse.Namespace) -> dict:
 
     # 5. loop
     logger.info(f"{len(dataset)} images, {max_train_steps} steps of batch {args.train_batch_size}")
-    unwrapped = accelerator.unwrap_model(vae)
+    unwrapped = accelerator.unwrap_model(model).vae
     fixed_images = fixed_images.to(accelerator.device)
+    latent_shape = (unwrapped.config.latent_channels,) + (args.resolution // unwrapped.downsample_factor,) * 2
     progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
-    logs, skipped = {}, 0
+    guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, read_script_state(args.resume_from_checkpoint,
+                           args.output_dir).get("nonfinite_steps", 0))  # fmt: skip
+    logs = {}
     for epoch in range(first_epoch, num_epochs):
-        vae.train()
+        model.train()
         loader.set_epoch(epoch)
         epoch_loader, skip = loader, 0
         if epoch == first_epoch and resume_batches:
             epoch_loader, skip = accelerator.skip_first_batches(loader, resume_batches), resume_batches
         for batch_index, x in enumerate(epoch_loader, start=skip):
-            with accelerator.accumulate(vae):
-                # encode, draw z ~ q(z|x) (the AE's posterior is a point mass), decode
-                posterior = unwrapped.encode(x).latent_dist
-                g = batch_generator(args.seed, epoch, batch_index, accelerator.process_index)
-                recon = unwrapped.decode(posterior.sample(generator=g)).sample  # (B, C, H, W)
+            with accelerator.accumulate(model):
+                # encode, draw z ~ q(z|x) with noise of the global batch (keyed by the batch), decode
+                draws = GlobalBatchDraws(accelerator, x.shape[0], args.seed, epoch, batch_index)
+                recon, posterior = model(x, draws.randn(*latent_shape))  # (B, C, H, W)
                 recon_loss = reconstruction_loss(recon, x, args.recon_loss).mean()
                 kl = posterior.kl().mean() / x[0].numel() if args.model == "vae" else torch.zeros((), device=x.device)
                 beta = kl_beta(args, global_step)
                 loss = recon_loss + beta * kl
-                if not torch.isfinite(loss):  # skip the batch, keep the weights
-                    skipped += 1
-                    logger.warning(f"non-finite loss at step {global_step}: skipped ({skipped} so far)")
-                    optimizer.zero_grad()
-                    continue
-                accelerator.backward(loss)
+                guard.check(loss)
+                accelerator.backward(loss)  # every rank joins the all-reduce, a non-finite one too
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
-                optimizer.step()
+                    guard.check(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+                if guard.ok:
+                    optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
-            if ema is not None:
-                ema.step(vae.parameters())
             global_step += 1
+            if not guard.end_update(global_step) and ema is not None:
+                ema.step(unwrapped.parameters())
             progress.update(1)
             logs = {"loss": loss.item(), "recon_loss": recon_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
             if args.model == "vae":
@@ -318,7 +329,9 @@ def main(args: argparse.Namespace) -> dict:
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                weights = list(unwrapped.parameters()) + (list(ema.shadow_params) if ema else [])
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, weights,
+                                script_state={"nonfinite_steps": guard.skipped})  # fmt: skip
             if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
                 log_samples(unwrapped, fixed_images, args, accelerator, global_step)
             if global_step >= max_train_steps:
@@ -328,7 +341,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # 6. EMA weights, scaling_factor = 1 / std(z), save the pipeline folder
     accelerator.wait_for_everyone()
-    report = {"steps": global_step, "skipped_batches": skipped, **logs}
+    report = {"steps": global_step, "skipped_steps": guard.skipped, **logs}
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(unwrapped.parameters())

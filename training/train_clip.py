@@ -43,12 +43,17 @@ from hfgen.clip import (
 )
 from hfgen.data import COLORS, SHAPE_PAIRS, SHAPES, make_shapes_dataset
 from hfgen.training_utils import (
+    REPORT_TO_CHOICES,
+    NonFiniteGuard,
     attach_ema,
     check_resume_arg,
+    gather_with_grad,
     load_checkpoint,
     load_train_dataset,
+    read_script_state,
     remove_partial_checkpoints,
     save_checkpoint,
+    tracker_arg,
 )
 
 logger = get_logger(__name__)
@@ -103,13 +108,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     p.add_argument("--use_ema", action="store_true", help="save an exponential moving average of the weights")
     p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--max_nonfinite_steps", type=int, default=10, help="stop after this many non-finite updates")
     # checkpoints, logging, Hub
     p.add_argument("--output_dir", default="clip-model")
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
     p.add_argument("--logging_dir", default="logs")
-    p.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
+    p.add_argument("--report_to", default="tensorboard", choices=REPORT_TO_CHOICES, help="an Accelerate tracker")
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
     args = p.parse_args(argv)
@@ -227,7 +233,7 @@ def main(args: argparse.Namespace) -> dict:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # data order = f(seed, epoch)
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=tracker_arg(args.report_to),
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -323,6 +329,8 @@ def main(args: argparse.Namespace) -> dict:
     progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     unwrapped = accelerator.unwrap_model(model)
     loss_value = float("nan")
+    guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, read_script_state(args.resume_from_checkpoint,
+                           args.output_dir).get("nonfinite_steps", 0))  # fmt: skip
     for epoch in range(first_epoch, num_epochs):
         model.train()
         loader.set_epoch(epoch)
@@ -336,20 +344,25 @@ def main(args: argparse.Namespace) -> dict:
                     attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"],
                 )
-                loss = contrastive_loss(out.logits_per_image)  # (B, B) -> scalar
+                # contrast against the global batch: N = num_processes x B pairs, the same loss on every rank
+                image_embeds = gather_with_grad(accelerator, out.image_embeds)  # (N, D), unit norm
+                text_embeds = gather_with_grad(accelerator, out.text_embeds)  # (N, D), unit norm
+                loss = contrastive_loss(unwrapped.logit_scale.exp() * image_embeds @ text_embeds.T)  # (N, N) -> ()
+                guard.check(loss)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
+                    guard.check(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+                if guard.ok:
+                    optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
                 with torch.no_grad():  # temperature at most 1 / 100 (CLIP, Sec. 2.5)
                     unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             if not accelerator.sync_gradients:
                 continue
-            if ema is not None:
-                ema.step(model.parameters())
             global_step += 1
+            if not guard.end_update(global_step) and ema is not None:
+                ema.step(unwrapped.parameters())
             progress.update(1)
             loss_value = loss.detach().item()
             logs = {
@@ -360,7 +373,9 @@ def main(args: argparse.Namespace) -> dict:
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                weights = list(unwrapped.parameters()) + (list(ema.shadow_params) if ema else [])
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, weights,
+                                script_state={"nonfinite_steps": guard.skipped})  # fmt: skip
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
@@ -368,7 +383,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # 7. save clip/, text_encoder/, tokenizer/, then zero-shot on held-out images
     accelerator.wait_for_everyone()
-    report = {"steps": global_step, "final_loss": loss_value}
+    report = {"steps": global_step, "final_loss": loss_value, "skipped_steps": guard.skipped}
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(unwrapped.parameters())

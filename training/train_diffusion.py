@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 import math
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -36,16 +36,22 @@ from tqdm.auto import tqdm
 import hfgen
 from hfgen.clip import tokenize
 from hfgen.data import image_transform
+from hfgen.pipelines.hub import image_grid
 from hfgen.schedulers import BETA_SCHEDULES, PREDICTION_TYPES, DDIMScheduler, DDPMScheduler
 from hfgen.training_utils import (
+    REPORT_TO_CHOICES,
+    GlobalBatchDraws,
+    NonFiniteGuard,
     all_finite,
     attach_ema,
     load_checkpoint,
     load_train_dataset,
+    log_image_grid,
     read_script_state,
     remove_partial_checkpoints,
     resolve_resume,
     save_checkpoint,
+    tracker_arg,
 )
 
 logger = get_logger(__name__)
@@ -238,12 +244,6 @@ def encode_latents(vae, dataset, transform, random_flip: bool, device, batch_siz
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    """The generator of one micro-batch: a function of (seed, step, micro) only, independent of history."""
-    state = np.random.SeedSequence([seed, step, micro]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
 def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str):
     """Min-SNR-gamma loss weights (Hang et al. 2023) for a loss on eps, v or x0: min(SNR, gamma) / SNR, / (SNR + 1)
     or 1 times min(SNR, gamma)."""
@@ -349,7 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")
     p.add_argument("--use_ema", action="store_true")
     p.add_argument("--ema_max_decay", type=float, default=0.9999)
     p.add_argument("--ema_inv_gamma", type=float, default=1.0)
@@ -360,7 +360,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
     p.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
-    p.add_argument("--report_to", choices=("tensorboard", "none"), default="tensorboard")
+    p.add_argument("--report_to", choices=REPORT_TO_CHOICES, default="tensorboard", help="an Accelerate tracker")
     p.add_argument("--validation_steps", type=int, default=None, help="log a sample grid every N steps")
     p.add_argument("--validation_prompts", nargs="*", default=None, help="text conditioning: prompts to sample")
     p.add_argument("--num_validation_images", type=int, default=16)
@@ -446,12 +446,13 @@ def main(args: argparse.Namespace) -> None:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=tracker_arg(args.report_to),
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
     )
-    set_seed(args.seed)  # model initialisation; the training draws use step_generator
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)  # model initialisation; the training draws are keyed by (seed, step, micro-batch)
     device = accelerator.device
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -571,16 +572,16 @@ def main(args: argparse.Namespace) -> None:
             "train_diffusion", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         )
 
-    def micro_batch_loss(batch: dict, g: torch.Generator) -> torch.Tensor:
-        """One micro-batch: draw for the global batch from ``g``, keep this process's slice, return the loss."""
-        B = batch["x"].shape[0]
-        rows = slice(accelerator.process_index * B, (accelerator.process_index + 1) * B)
-        shape = (global_batch, in_channels, sample_size, sample_size)
-        timesteps = torch.randint(0, args.num_train_timesteps, (global_batch,), generator=g)[rows].to(device)
-        noise = torch.randn(shape, generator=g)[rows].to(device)
-        flip = (torch.rand(global_batch, generator=g) < 0.5)[rows].to(device) if args.random_flip else None
-        drop = (torch.rand(global_batch, generator=g) < args.cond_dropout)[rows].to(device)
-        self_cond = (torch.rand(global_batch, generator=g) < args.self_cond_prob)[rows].to(device)
+    def micro_batch_loss(batch: dict, step: int, micro: int) -> torch.Tensor:
+        """One micro-batch: draw for the global batch (keyed by step and micro-batch), keep this process's rows,
+        return the loss."""
+        draws = GlobalBatchDraws(accelerator, batch["x"].shape[0], args.seed, step, micro)
+        shape = (in_channels, sample_size, sample_size)
+        timesteps = draws.randint(args.num_train_timesteps)
+        noise = draws.randn(*shape)
+        flip = draws.rand() < 0.5 if args.random_flip else None
+        drop = draws.rand() < args.cond_dropout
+        self_cond = draws.rand() < args.self_cond_prob
 
         # 1. clean sample x0: an image, or a latent drawn from its cached posterior (B, C, h, w)
         if latents is None:
@@ -591,7 +592,7 @@ def main(args: argparse.Namespace) -> None:
             moments = batch["x"]  # (B, [2 orientations,] 2, C, h, w)
             if flip is not None:
                 moments = torch.where(flip[:, None, None, None, None], moments[:, 1], moments[:, 0])
-            eps_latent = torch.randn(shape, generator=g)[rows].to(device)
+            eps_latent = draws.randn(*shape)
             x0 = (moments[:, 0] + moments[:, 1] * eps_latent) * vae.config.scaling_factor
 
         # 2. conditioning with dropout for classifier-free guidance
@@ -640,37 +641,32 @@ def main(args: argparse.Namespace) -> None:
         denoiser.train()
         if ema is not None:
             ema.restore(denoiser.parameters())
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                arrays = np.stack([np.asarray(im.convert("RGB")) for im in images])
-                tracker.writer.add_images("validation", arrays, step, dataformats="NHWC")
+        log_image_grid(accelerator, "validation", image_grid(images), step)
         return images
 
     # 3. training loop
     progress = tqdm(
         range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
-    nonfinite_steps = read_script_state(args.resume_from_checkpoint, args.output_dir).get("nonfinite_steps", 0)
+    guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, read_script_state(args.resume_from_checkpoint,
+                           args.output_dir).get("nonfinite_steps", 0))  # fmt: skip
     model.train()
     for epoch in range(first_epoch, num_epochs):
         train_dataloader.set_epoch(epoch)
         loader = train_dataloader
         if epoch == first_epoch and skip_batches:
             loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
-        micro, bad_update = 0, False
+        micro = 0
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = micro_batch_loss(batch, step_generator(args.seed, global_step, micro))
+                loss = micro_batch_loss(batch, global_step, micro)
                 micro += 1
-                finite = bool(torch.isfinite(accelerator.gather(loss.detach()[None])).all())
-                bad_update |= not finite
-                accelerator.backward(loss)
+                guard.check(loss)
+                accelerator.backward(loss)  # every rank joins the all-reduce, a non-finite one too
                 if accelerator.sync_gradients:
-                    grad_norm = None
                     if args.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    bad_update |= grad_norm is not None and not bool(torch.isfinite(grad_norm))
-                    if not bad_update or accelerator.scaler is not None:  # fp16: the grad scaler skips the step
+                        guard.check(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+                    if guard.ok or accelerator.scaler is not None:  # fp16: the grad scaler skips the step
                         optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -681,21 +677,8 @@ def main(args: argparse.Namespace) -> None:
             global_step += 1
             micro = 0
             progress.update(1)
-            if bad_update:
-                nonfinite_steps += 1
-                logger.warning(
-                    f"step {global_step}: non-finite loss or gradient, update skipped "
-                    f"({nonfinite_steps}/{args.max_nonfinite_steps})"
-                )
-                if nonfinite_steps >= args.max_nonfinite_steps:
-                    raise RuntimeError(
-                        f"stopping at step {global_step}: {nonfinite_steps} updates had a non-finite "
-                        f"loss or gradient (--max_nonfinite_steps {args.max_nonfinite_steps}); "
-                        f"lower --learning_rate or try --mixed_precision no"
-                    )
-            elif ema is not None:
+            if not guard.end_update(global_step) and ema is not None:
                 ema.step(accelerator.unwrap_model(model).parameters())
-            bad_update = False
             logs = {"loss": accelerator.gather(loss.detach()[None]).mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
@@ -707,7 +690,7 @@ def main(args: argparse.Namespace) -> None:
                     global_step,
                     args.checkpoints_total_limit,
                     weights,
-                    script_state={"nonfinite_steps": nonfinite_steps},
+                    script_state={"nonfinite_steps": guard.skipped},
                 )
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 validate(global_step)
@@ -727,8 +710,6 @@ def main(args: argparse.Namespace) -> None:
         sample_scheduler = DDIMScheduler.from_config(noise_scheduler.config)
         pipeline = build_pipeline(args, denoiser, sample_scheduler, vae, text_encoder, tokenizer)
         pipeline.save_pretrained(args.output_dir)
-        from hfgen.pipelines.hub import image_grid
-
         images = sample_images(args, pipeline, num_classes, device)
         image_grid(images).save(os.path.join(args.output_dir, "samples.png"))
         if args.push_to_hub:

@@ -29,7 +29,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -43,13 +42,21 @@ from hfgen.data import image_transform
 from hfgen.gan import CLASS_CONDITIONINGS, GAN_PRESETS, GANDiscriminator, GANGenerator
 from hfgen.pipelines import HFGenGANPipeline
 from hfgen.training_utils import (
+    REPORT_TO_CHOICES,
+    GlobalBatchDraws,
+    NonFiniteGuard,
     attach_ema,
     check_resume_arg,
+    convert_sync_batchnorm,
     load_checkpoint,
     load_train_dataset,
+    log_image_grid,
+    plain_batchnorm,
+    read_script_state,
     remove_partial_checkpoints,
     save_checkpoint,
     to_pil_grid,
+    tracker_arg,
 )
 
 logger = get_logger(__name__)
@@ -104,6 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     p.add_argument("--use_ema", action="store_true", help="save an exponential moving average of the generator")
     p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--max_nonfinite_steps", type=int, default=10, help="stop after this many non-finite updates")
+    p.add_argument(
+        "--sync_batchnorm",
+        action="store_true",
+        help="BatchNorm statistics over the global batch of all processes (torch's SyncBatchNorm on GPUs); by "
+        "default each process normalises with its own batch's statistics, as DDP does",
+    )
     p.add_argument("--bn_calibration_batches", type=int, default=16, help="batches to re-estimate BatchNorm stats")
     # output
     p.add_argument("--output_dir", default="gan-model")
@@ -113,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample_steps", type=int, default=500, help="write a sample grid every N steps")
     p.add_argument("--num_sample_images", type=int, default=64)
     p.add_argument("--logging_dir", default="logs")
-    p.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
+    p.add_argument("--report_to", default="tensorboard", choices=REPORT_TO_CHOICES, help="an Accelerate tracker")
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
     args = p.parse_args(argv)
@@ -193,13 +207,6 @@ def num_labels(dataset) -> int:
     return int(max(dataset["label"])) + 1
 
 
-def step_generator(seed: int, step: int, process_index: int) -> torch.Generator:
-    """The generator of one step's z draws: a function of (seed, step, process) only, independent of history, so a
-    resumed run draws what an uninterrupted one does."""
-    state = np.random.SeedSequence([seed, step, process_index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
 @torch.no_grad()
 def recalibrate_batchnorm(
     generator: GANGenerator, num_batches: int, batch_size: int, num_classes: int | None, seed: int = 0
@@ -225,7 +232,7 @@ def recalibrate_batchnorm(
 
 def sampling_generator(generator: GANGenerator, ema: EMAModel | None, args) -> GANGenerator:
     """An eval-mode copy of the generator with the EMA weights (if any) and BatchNorm stats re-estimated for them."""
-    g = copy.deepcopy(generator)
+    g = plain_batchnorm(copy.deepcopy(generator))  # sampled by one process: no cross-process statistics
     if ema is not None:
         ema.copy_to(g.parameters())
     return recalibrate_batchnorm(
@@ -240,9 +247,7 @@ def log_samples(generator, fixed_z, fixed_labels, args, accelerator: Accelerator
     folder = Path(args.output_dir, "samples")
     folder.mkdir(parents=True, exist_ok=True)
     grid.save(folder / f"samples-{step:06d}.png")
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+    log_image_grid(accelerator, "samples", grid, step)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -256,7 +261,7 @@ def main(args: argparse.Namespace) -> dict:
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # data order = f(seed, epoch)
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=tracker_arg(args.report_to),
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -294,6 +299,8 @@ def main(args: argparse.Namespace) -> dict:
     common = {"sample_size": args.resolution, "num_classes": num_classes}
     G = GANGenerator(**g_kwargs, **common, out_channels=args.channels, class_conditioning=args.class_conditioning)
     D = GANDiscriminator(**d_kwargs, **common, in_channels=args.channels, spectral_norm=args.spectral_norm)
+    if args.sync_batchnorm:
+        G = convert_sync_batchnorm(G, accelerator.device)
     ema = EMAModel(G.parameters(), decay=args.ema_decay) if args.use_ema else None
 
     # 3. optimisers (TTUR)
@@ -335,7 +342,9 @@ def main(args: argparse.Namespace) -> dict:
     if num_classes:
         fixed_labels = (torch.arange(args.num_sample_images) % num_classes).to(device)
     progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
-    logs, skipped = {}, 0
+    logs = {}
+    guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, read_script_state(args.resume_from_checkpoint,
+                           args.output_dir).get("nonfinite_steps", 0))  # fmt: skip
     for epoch in range(first_epoch, num_epochs):
         G.train()
         D.train()
@@ -346,10 +355,10 @@ def main(args: argparse.Namespace) -> dict:
         for real, labels in epoch_loader:
             B = real.shape[0]
             y = labels if num_classes else None
-            g = step_generator(args.seed, global_step, accelerator.process_index)
+            draws = GlobalBatchDraws(accelerator, B, args.seed, global_step)  # z of the global batch, keyed by step
 
             # a. discriminator: real vs detached fakes, plus the lazy R1 penalty
-            z = torch.randn(B, latent_dim, generator=g).to(device)
+            z = draws.randn(latent_dim)
             with torch.no_grad():
                 fake = G(z, y).sample  # (B, C, H, W)
             d_loss = discriminator_loss(D(real, y).logits, D(fake, y).logits, args.loss)
@@ -357,30 +366,30 @@ def main(args: argparse.Namespace) -> dict:
             if args.r1_gamma > 0 and global_step % args.r1_every == 0:
                 r1 = r1_penalty(D, real, y)
                 d_loss = d_loss + args.r1_every * args.r1_gamma / 2 * r1
-            if torch.isfinite(d_loss):  # a non-finite loss skips the update
-                accelerator.backward(d_loss)
-                if args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(D.parameters(), args.max_grad_norm)
+            guard.check(d_loss)  # a non-finite loss on any rank skips the update on all ranks
+            accelerator.backward(d_loss)  # every rank joins the all-reduce, a non-finite one too
+            if args.max_grad_norm > 0:
+                guard.check(accelerator.clip_grad_norm_(D.parameters(), args.max_grad_norm))
+            if guard.ok:
                 d_opt.step()
             d_opt.zero_grad(set_to_none=True)
 
             # b. generator: fool the (just updated) discriminator
-            z = torch.randn(B, latent_dim, generator=g).to(device)
+            z = draws.randn(latent_dim)
             g_loss = generator_loss(D(G(z, y).sample, y).logits, args.loss)
-            if torch.isfinite(g_loss):
-                accelerator.backward(g_loss)
-                if args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(G.parameters(), args.max_grad_norm)
+            guard.check(g_loss)
+            accelerator.backward(g_loss)
+            if args.max_grad_norm > 0:
+                guard.check(accelerator.clip_grad_norm_(G.parameters(), args.max_grad_norm))
+            if guard.ok:
                 g_opt.step()
             g_opt.zero_grad(set_to_none=True)
             d_opt.zero_grad(set_to_none=True)  # drop the grads g_loss left in D
-            if not (torch.isfinite(d_loss) and torch.isfinite(g_loss)):
-                skipped += 1
-                logger.warning(f"non-finite loss at step {global_step}: update skipped ({skipped} so far)")
+            skipped = guard.end_update(global_step + 1)
             g_sched.step()
             d_sched.step()
-            if ema is not None:
-                ema.step(G.parameters())
+            if ema is not None and not skipped:
+                ema.step(G_unwrapped.parameters())
             global_step += 1
             progress.update(1)
             logs = {"d_loss": d_loss.item(), "g_loss": g_loss.item(), "g_lr": g_sched.get_last_lr()[0]}
@@ -389,7 +398,9 @@ def main(args: argparse.Namespace) -> dict:
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                weights = [*G_unwrapped.parameters(), *D.parameters(), *(ema.shadow_params if ema else [])]
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, weights,
+                                script_state={"nonfinite_steps": guard.skipped})  # fmt: skip
             if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
                 g_sample = sampling_generator(G_unwrapped, ema, args)
                 log_samples(g_sample, fixed_z, fixed_labels, args, accelerator, global_step)
@@ -400,7 +411,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # 6. the saved generator: EMA weights, BatchNorm stats re-estimated for them
     accelerator.wait_for_everyone()
-    report = {"steps": global_step, "skipped_steps": skipped, **logs}
+    report = {"steps": global_step, "skipped_steps": guard.skipped, **logs}
     if accelerator.is_main_process:
         g_final = sampling_generator(G_unwrapped, ema, args)
         log_samples(g_final, fixed_z, fixed_labels, args, accelerator, global_step)
