@@ -36,6 +36,23 @@ from .denoising import (
 from .hub import HFGenHubMixin
 
 
+def check_attention_masks(
+    prompt_embeds: torch.Tensor | None,
+    prompt_attention_mask: torch.Tensor | None,
+    negative_prompt_embeds: torch.Tensor | None,
+    negative_prompt_attention_mask: torch.Tensor | None,
+) -> None:
+    """Given embeddings (B, L, D) come with their masks (B, L), as PixArt requires: the prompt path masks padding."""
+    for name, embeds, mask in (
+        ("prompt", prompt_embeds, prompt_attention_mask),
+        ("negative_prompt", negative_prompt_embeds, negative_prompt_attention_mask),
+    ):
+        if embeds is not None and mask is None:
+            raise ValueError(f"{name}_embeds need {name}_attention_mask (B, L), as returned by encode_prompt")
+        if mask is not None and (embeds is None or tuple(mask.shape) != tuple(embeds.shape[:2])):
+            raise ValueError(f"{name}_attention_mask needs {name}_embeds and must have their shape (B, L)")
+
+
 class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
     """
     :param denoiser: an hfgen denoiser with ``config.cross_attention_dim`` equal to the text encoder's hidden size;
@@ -119,23 +136,25 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
-        return_attention_mask: bool = False,
-    ) -> tuple:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """
-        Text embeddings for the denoiser, repeated ``num_images_per_prompt`` times:
-        ``(prompt_embeds, negative_prompt_embeds)`` (B * n, L, D) each, the negative one None without guidance;
-        with ``return_attention_mask`` also their masks (B * n, L) (1 = real token; None for given embeddings
-        without a mask: every token counts).
+        Text embeddings for the denoiser and their masks, repeated ``num_images_per_prompt`` times, as in diffusers'
+        PixArt: ``(prompt_embeds (B * n, L, D), prompt_attention_mask (B * n, L), negative_prompt_embeds
+        (B * n, L, D), negative_prompt_attention_mask (B * n, L))``, mask 1 = real token, 0 = padding; the negative
+        pair is None without guidance. Given embeddings need their masks (B, L).
 
         The unconditional input is the embedding of "" (or of ``negative_prompt``), padded like the prompt, as in
         training with condition dropout.
         """
+        check_attention_masks(
+            prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
+        )
+
         # 1. the prompt
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             prompt_embeds, prompt_attention_mask = self._encode_text(prompts, device, self.max_text_length)
         B, L = prompt_embeds.shape[:2]
-        prompt_embeds = prompt_embeds.to(device)
 
         # 2. the unconditional / negative prompt, padded to the prompt's length
         if do_classifier_free_guidance and negative_prompt_embeds is None:
@@ -145,14 +164,16 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
         if not do_classifier_free_guidance:
             negative_prompt_embeds, negative_prompt_attention_mask = None, None
 
-        # 3. one copy per image: (B, L, D) -> (B * n, L, D)
+        # 3. one copy per image: (B, ...) -> (B * n, ...), grouped by prompt
         def repeat(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.to(device).repeat_interleave(num_images_per_prompt, dim=0)
 
-        embeds = (repeat(prompt_embeds), repeat(negative_prompt_embeds))
-        if return_attention_mask:
-            return (*embeds, repeat(prompt_attention_mask), repeat(negative_prompt_attention_mask))
-        return embeds
+        return (
+            repeat(prompt_embeds),
+            repeat(prompt_attention_mask),
+            repeat(negative_prompt_embeds),
+            repeat(negative_prompt_attention_mask),
+        )
 
     # --- checks ---------------------------------------------------------------------------------------------------
 
@@ -191,10 +212,6 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
             if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != D:
                 raise ValueError(f"prompt_embeds must have shape (B, L, {D}), got {tuple(prompt_embeds.shape)}")
             batch_size = prompt_embeds.shape[0]
-        if prompt_attention_mask is not None and (
-            prompt_embeds is None or tuple(prompt_attention_mask.shape) != tuple(prompt_embeds.shape[:2])
-        ):
-            raise ValueError("prompt_attention_mask needs prompt_embeds and must have their shape (B, L)")
 
         # 2. the negative prompt matches the prompts
         if negative_prompt is not None and negative_prompt_embeds is not None:
@@ -216,13 +233,9 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
                 f"{tuple(negative_prompt_embeds.shape)} and "
                 f"{None if prompt_embeds is None else tuple(prompt_embeds.shape)}"
             )
-        if negative_prompt_attention_mask is not None and (
-            negative_prompt_embeds is None
-            or tuple(negative_prompt_attention_mask.shape) != tuple(negative_prompt_embeds.shape[:2])
-        ):
-            raise ValueError(
-                "negative_prompt_attention_mask needs negative_prompt_embeds and must have their shape (B, L)"
-            )
+        check_attention_masks(
+            prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
+        )
 
         # 3. numbers
         check_num_inference_steps(num_inference_steps)
@@ -285,9 +298,12 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
         """
         Sample ``num_images_per_prompt`` images for each prompt.
 
-        :param prompt: a string or a list of strings; or pass ``prompt_embeds`` (B, L, D) instead (with
-            ``prompt_attention_mask`` (B, L) to mask padding as the pipeline does for strings).
+        :param prompt: a string or a list of strings; or pass ``prompt_embeds`` (B, L, D) instead.
         :param negative_prompt: one string or one per prompt; replaces "" as the unconditional input of guidance.
+        :param prompt_embeds: text embeddings (B, L, D) from ``encode_prompt``, in place of ``prompt``; needs
+            ``prompt_attention_mask`` (B, L) (1 = real token, 0 = padding), so that they give the prompt's images.
+        :param negative_prompt_embeds: (B, L, D) in place of ``negative_prompt``, with
+            ``negative_prompt_attention_mask`` (B, L); without them the unconditional input is "" padded to L.
         :param height: image height in pixels; default: the denoiser's sample_size times the VAE factor. Must be a
             multiple of the denoiser's downsample_factor times the VAE factor (RIN: exactly its sample_size).
         :param guidance_scale: classifier-free guidance s >= 1; 1 = one conditional pass per step.
@@ -327,25 +343,24 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
         num_images = batch_size * num_images_per_prompt
 
         # 2. text: c (B*n, L, D) and, under guidance, c_null (B*n, L, D), with their masks (B*n, L)
-        prompt_embeds, negative_prompt_embeds, prompt_mask, negative_mask = self.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            self.do_classifier_free_guidance,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            prompt_attention_mask,
-            negative_prompt_attention_mask,
-            return_attention_mask=True,
+        prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
+            self.encode_prompt(
+                prompt,
+                device,
+                num_images_per_prompt,
+                self.do_classifier_free_guidance,
+                negative_prompt,
+                prompt_embeds,
+                negative_prompt_embeds,
+                prompt_attention_mask,
+                negative_prompt_attention_mask,
+            )
         )
-        L = prompt_embeds.shape[1]
-        ones = torch.ones(num_images, L, dtype=torch.long, device=device)
-        prompt_mask = ones if prompt_mask is None else prompt_mask
-        encoder_attention_mask = prompt_mask
-        if self.do_classifier_free_guidance:
-            negative_mask = ones if negative_mask is None else negative_mask
-            encoder_attention_mask = torch.cat([prompt_mask, negative_mask])  # (2B, L): [cond; uncond]
+        encoder_attention_mask = (
+            torch.cat([prompt_attention_mask, negative_prompt_attention_mask])  # (2B*n, L): [cond; uncond]
+            if self.do_classifier_free_guidance
+            else prompt_attention_mask  # (B*n, L)
+        )
 
         # 3. noise x_T: drawn on the generator's device (CPU by default) in float32, one draw per generator
         C = self.denoiser.config.in_channels

@@ -186,33 +186,48 @@ def test_negative_prompt(pipe):
     torch.testing.assert_close(each[1], default[1])
 
 
-def test_prompt_embeds_in_place_of_prompts(pipe):
-    kwargs = {"num_inference_steps": STEPS, "guidance_scale": 3.0, "output_type": "pt", "num_images_per_prompt": 2}
-    from_text = pipe(["a red circle", "a blue square"], negative_prompt="green", generator=gen(), **kwargs).images
+def test_encode_prompt_returns_embeddings_and_masks(pipe, tokenizer):
+    """PixArt's convention: (prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)."""
+    prompts = ["a red circle", "a blue square"]
+    embeds, mask, negative, negative_mask = pipe.encode_prompt(prompts, "cpu", 2, True, negative_prompt="green")
+    assert embeds.shape == negative.shape == (4, 8, TEXT_DIM) and mask.shape == negative_mask.shape == (4, 8)
+    ids = tokenizer([*prompts, "green", "green"], padding="max_length", max_length=8, return_tensors="pt")
+    expected = ids.attention_mask.repeat_interleave(2, dim=0)  # one copy per image, grouped by prompt
+    assert mask.tolist() == expected[:4].tolist() and negative_mask.tolist() == expected[4:].tolist()
+    torch.testing.assert_close(embeds[0], embeds[1], atol=0, rtol=0)
 
-    embeds, negative = pipe.encode_prompt(["a red circle", "a blue square"], "cpu", 1, True, negative_prompt="green")
-    assert embeds.shape == negative.shape == (2, 8, TEXT_DIM)
-    embeds, negative, mask, negative_mask = pipe.encode_prompt(
-        ["a red circle", "a blue square"], "cpu", 1, True, negative_prompt="green", return_attention_mask=True
-    )
-    from_embeds = pipe(
-        prompt_embeds=embeds,
-        negative_prompt_embeds=negative,
-        prompt_attention_mask=mask,
-        negative_prompt_attention_mask=negative_mask,
-        generator=gen(),
-        **kwargs,
-    ).images
-    torch.testing.assert_close(from_embeds, from_text)
+    # without guidance: no negative pair
+    embeds, mask, negative, negative_mask = pipe.encode_prompt("a red circle", "cpu", 3, False)
+    assert embeds.shape == (3, 8, TEXT_DIM) and mask.shape == (3, 8) and negative is None and negative_mask is None
 
-    # embeddings without masks: every token is attended to, so the images differ but sampling works
-    unmasked = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=gen(), **kwargs).images
-    assert unmasked.shape == from_text.shape
+    # given embeddings without their mask are refused here too
+    with pytest.raises(ValueError, match="prompt_embeds need prompt_attention_mask \\(B, L\\)"):
+        pipe.encode_prompt(None, "cpu", 1, True, prompt_embeds=embeds)
 
-    # encode_prompt without guidance: no negative embeddings; one copy per image, grouped by prompt
-    embeds, negative = pipe.encode_prompt("a red circle", "cpu", 3, False)
-    assert negative is None and embeds.shape == (3, 8, TEXT_DIM)
-    torch.testing.assert_close(embeds[0], embeds[2])
+
+@pytest.mark.parametrize("kind", ["unet", "dit", "rin"])
+@pytest.mark.parametrize("guidance_scale, negative_prompt", [(3.0, "green"), (3.0, None), (1.0, None)])
+def test_prompt_embeds_give_the_same_images_as_prompts(tokenizer, text_encoder, kind, guidance_scale, negative_prompt):
+    """pipe(prompt=...) == pipe(prompt_embeds=..., masks) from encode_prompt, bit for bit: both paths run the text
+    encoder on the same (B, L) batches and the denoiser on the same (2B*n or B*n, ...) batches, so the same kernels
+    on the same inputs (float32, CPU) give the same numbers; any tolerance would hide a dropped mask."""
+    pipe = make_pipe(tokenizer, text_encoder, make_denoiser(kind))
+    prompts = ["a red circle", "a blue square"]  # 5 and 5 of 8 tokens: the masks hide 3 padding tokens each
+    do_cfg = guidance_scale > 1
+    kwargs = {"num_inference_steps": STEPS, "guidance_scale": guidance_scale, "output_type": "pt"}
+    kwargs["num_images_per_prompt"] = 2
+    from_text = pipe(prompts, negative_prompt=negative_prompt, generator=gen(), **kwargs).images
+
+    embeds, mask, negative, negative_mask = pipe.encode_prompt(prompts, "cpu", 1, do_cfg, negative_prompt)
+    given = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+    if negative_prompt is not None:  # else the pipeline encodes "" itself, padded to the embeddings' L
+        given |= {"negative_prompt_embeds": negative, "negative_prompt_attention_mask": negative_mask}
+    from_embeds = pipe(**given, generator=gen(), **kwargs).images
+    torch.testing.assert_close(from_embeds, from_text, atol=0, rtol=0)
+
+    # the mask matters: attending to the padding tokens changes the images
+    unmasked = pipe(**given | {"prompt_attention_mask": torch.ones_like(mask)}, generator=gen(), **kwargs).images
+    assert (unmasked - from_text).abs().max() > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -289,6 +304,7 @@ def test_text_width_must_match_cross_attention_dim(tokenizer, text_encoder):
 
 
 EMBEDS = torch.zeros(2, 8, TEXT_DIM)
+MASK = torch.ones(2, 8, dtype=torch.long)
 
 
 @pytest.mark.parametrize(
@@ -304,6 +320,27 @@ EMBEDS = torch.zeros(2, 8, TEXT_DIM)
             "negative_prompt_embeds need prompt_embeds of the same shape",
         ),
         ({"prompt_embeds": torch.zeros(2, 8, 5)}, ValueError, "prompt_embeds must have shape \\(B, L, 32\\)"),
+        ({"prompt_embeds": EMBEDS}, ValueError, "^prompt_embeds need prompt_attention_mask \\(B, L\\), as returned by"),
+        (
+            {"prompt_embeds": EMBEDS, "prompt_attention_mask": MASK, "negative_prompt_embeds": EMBEDS},
+            ValueError,
+            "^negative_prompt_embeds need negative_prompt_attention_mask \\(B, L\\), as returned by encode_prompt",
+        ),
+        (
+            {"prompt": "a", "prompt_attention_mask": MASK},
+            ValueError,
+            "^prompt_attention_mask needs prompt_embeds and must have their shape \\(B, L\\)",
+        ),
+        (
+            {"prompt_embeds": EMBEDS, "prompt_attention_mask": MASK[:, :4]},
+            ValueError,
+            "^prompt_attention_mask needs prompt_embeds and must have their shape",
+        ),
+        (
+            {"prompt_embeds": EMBEDS, "prompt_attention_mask": MASK, "negative_prompt_attention_mask": MASK},
+            ValueError,
+            "^negative_prompt_attention_mask needs negative_prompt_embeds",
+        ),
         ({"prompt": "a", "guidance_scale": -1.0}, ValueError, "guidance_scale must be >= 1 .*got -1.0"),
         ({"prompt": "a", "height": 9}, ValueError, "height and width must be positive multiples of 2 .*got 9x8"),
         ({"prompt": "a", "width": 7}, ValueError, "multiples of 2 .*got 8x7"),
@@ -322,6 +359,14 @@ EMBEDS = torch.zeros(2, 8, TEXT_DIM)
 def test_bad_inputs(pipe, kwargs, error, match):
     with pytest.raises(error, match=match):
         pipe(**{"num_inference_steps": 1, **kwargs})
+
+
+def test_missing_masks_are_caught_by_check_inputs(pipe):
+    """Before any text encoding or denoising, as PixArt's check_inputs does."""
+    with pytest.raises(ValueError, match="^prompt_embeds need prompt_attention_mask"):
+        pipe.check_inputs(None, 8, 8, 1, 3.0, 1, prompt_embeds=EMBEDS)
+    with pytest.raises(ValueError, match="^negative_prompt_embeds need negative_prompt_attention_mask"):
+        pipe.check_inputs(None, 8, 8, 1, 3.0, 1, None, EMBEDS, EMBEDS, MASK)
 
 
 def test_size_must_divide_by_the_dit_patch(tokenizer, text_encoder):
