@@ -87,13 +87,14 @@ def minibatch_stddev(h: torch.Tensor, group_size: int) -> torch.Tensor:
     """
     Append one channel holding, for each group of ``group_size`` images, the mean over (C, H, W) of the standard
     deviation across the group: (B, C, H, W) -> (B, C + 1, H, W). A batch that does not divide by ``group_size``
-    forms one group.
+    forms one group. Groups are consecutive images (image b is in group b // G), so a batch split over processes in
+    multiples of ``group_size`` forms the same groups as the whole batch on one process.
     """
     B, C, H, W = h.shape
     G = group_size if B % group_size == 0 else B
-    groups = h.float().view(G, B // G, C, H, W)  # image b is in group b % (B // G)
-    std = (groups.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (B // G,)
-    feature = std.repeat(G).view(B, 1, 1, 1).expand(B, 1, H, W).to(h.dtype)  # (B, 1, H, W)
+    groups = h.float().view(B // G, G, C, H, W)  # image b is in group b // G
+    std = (groups.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (B // G,)
+    feature = std.repeat_interleave(G).view(B, 1, 1, 1).expand(B, 1, H, W).to(h.dtype)  # (B, 1, H, W)
     return torch.cat([h, feature], dim=1)
 
 

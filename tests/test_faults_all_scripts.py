@@ -3,6 +3,7 @@
 (train_diffusion.py has the same tests in test_train_diffusion.py.)"""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,10 +15,12 @@ import pytest
 import torch
 from conftest import sigkill_when_exists
 from safetensors.torch import load_file
+from test_train_diffusion import TINY as DIFFUSION_TINY
 
-from hfgen.training import train_autoencoder, train_clip, train_gan
+from hfgen.training import train_autoencoder, train_clip, train_diffusion, train_gan
 
 TRAINING = Path(__file__).resolve().parents[1] / "training"
+PROBE = Path(__file__).resolve().parent / "rank_probe.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -113,30 +116,112 @@ def test_sigkill_then_resume_latest_matches_uninterrupted(tmp_path, name):
 # 2 processes on CPU (gloo)
 # ----------------------------------------------------------------------------------------------------------------------
 
+DIFFUSION = Script(
+    train_diffusion, [*DIFFUSION_TINY, "--snr_gamma", "5"], ("denoiser/diffusion_pytorch_model.safetensors",)
+)
+ALL_SCRIPTS = {**SCRIPTS, "diffusion": DIFFUSION}
 
-@pytest.mark.parametrize("name", sorted(SCRIPTS))
-def test_two_processes_run_and_main_process_writes_once(tmp_path, name):
-    """``accelerate launch`` with 2 CPU processes (torchrun via ``--multi_gpu`` + ``ACCELERATE_USE_CPU``, as in
-    test_train_diffusion.py): 3 steps of 4 images per process finish; one checkpoint folder holds both processes'
-    random states and the main process's EMA; the output folder is complete and the temp folders are gone."""
-    script = SCRIPTS[name]
-    port = str(29540 + sorted(SCRIPTS).index(name))
+
+def launch_two_processes(script: Script, argv: list[str], out: Path, port: int, nan_at: str | None = None):
+    """``accelerate launch`` with 2 CPU processes through ``tests/rank_probe.py`` (each rank writes its weights at
+    every checkpoint; ``nan_at="<rank>:<call>"`` makes that rank's loss NaN once). torchrun (``--multi_gpu``) with
+    ``ACCELERATE_USE_CPU=true`` picks MULTI_CPU / gloo; ``--cpu --num_processes 2`` would start one process unless
+    mpirun is installed."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
-              str(script.path)]  # fmt: skip
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(port), str(PROBE), script.module.__name__.rsplit(".", 1)[-1]]  # fmt: skip
     env = {**ENV, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
-    out = tmp_path / "two"
-    argv = [*script.args, "--train_batch_size", "4", "--max_train_steps", "3", "--checkpointing_steps", "3"]
+    if nan_at:
+        env["HFGEN_PROBE_NAN"] = nan_at
     result = subprocess.run([*launch, *argv, "--output_dir", str(out)], env=env, capture_output=True, text=True,
-                            timeout=120, check=False)  # fmt: skip
+                            timeout=180, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
-    assert checkpoints(out) == ["checkpoint-3"]
-    ckpt = out / "checkpoint-3"
+
+def assert_ranks_identical(out: Path, step: int, with_buffers: bool) -> None:
+    """Both ranks hold the same parameters after ``step`` updates (and the same buffers when ``with_buffers``: without
+    SyncBatchNorm each rank keeps the BatchNorm running statistics of its own batches, as DDP does). Exact: DDP
+    applies one all-reduced gradient on both ranks with the same kernels and the same optimizer state."""
+    a, b = (load_file(out / f"rank-{r}-step-{step}.safetensors") for r in (0, 1))
+    assert a.keys() == b.keys() and a
+    buffers = ("running_mean", "running_var")
+    for k, value in a.items():
+        if with_buffers or not k.endswith(buffers):
+            torch.testing.assert_close(value, b[k], rtol=0, atol=0, msg=k)
+            assert torch.isfinite(value).all(), k
+
+
+@pytest.mark.parametrize("name", sorted(ALL_SCRIPTS))
+def test_two_processes_stay_in_step_and_match_one_process_with_double_batch(tmp_path, name):
+    """2 processes x batch 4 for 3 steps: both ranks hold identical weights; the saved output equals that of
+    1 process x batch 8 (draws keyed by the global batch, CLIP's loss over the gathered global batch, the GAN with
+    ``--sync_batchnorm``); one checkpoint holds both ranks' random states, the output folder is complete.
+    Tolerance rtol 1e-4 / atol 1e-5: the all-reduce and the per-rank partial sums add in another order (float32
+    rounding of ~1e-7 per step, grown by Adam's normalisation of small gradients over 3 steps)."""
+    script = ALL_SCRIPTS[name]
+    extra = ["--sync_batchnorm"] if name == "gan" else []
+    steps = ["--max_train_steps", "3", "--checkpointing_steps", "3", *extra]
+    two = tmp_path / "two"
+    result = launch_two_processes(script, [*script.args, *steps, "--train_batch_size", "4"], two,
+                                  29540 + sorted(ALL_SCRIPTS).index(name))  # fmt: skip
+    assert_ranks_identical(two, 3, with_buffers=True)
+    assert "saved" in result.stderr and "checkpoint-3" in result.stderr  # the scripts' logger.info lines print
+
+    assert checkpoints(two) == ["checkpoint-3"]
+    ckpt = two / "checkpoint-3"
     assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
-    assert (ckpt / "ema_state.safetensors").exists()
-    assert not list(out.glob(".tmp-checkpoint-*")) and not list(out.glob(".deleting-*"))
-    weights = script.weights(out)
-    assert weights and all(bool(torch.isfinite(v).all()) for v in weights.values())
-    report_file = {"clip": "zero_shot.json"}.get(name, "train_report.json")
-    assert json.loads((out / report_file).read_text())["steps"] == 3
+    assert not list(two.glob(".tmp-checkpoint-*")) and not list(two.glob(".deleting-*"))
+    if name != "diffusion":
+        assert (ckpt / "ema_state.safetensors").exists()
+        report_file = {"clip": "zero_shot.json"}.get(name, "train_report.json")
+        assert json.loads((two / report_file).read_text())["steps"] == 3
+
+    one = tmp_path / "one"
+    script.module.main(script.module.parse_args([*script.args, *steps, "--train_batch_size", "8", "--output_dir",
+                                                 str(one)]))  # fmt: skip
+    a, b = script.weights(two), script.weights(one)
+    assert a.keys() == b.keys()
+    for k, value in a.items():
+        torch.testing.assert_close(value, b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_SCRIPTS))
+def test_nonfinite_loss_on_one_rank_skips_the_step_on_both(tmp_path, name):
+    """Rank 1 alone sees a NaN loss at its 2nd loss call: neither rank hangs in the all-reduce, both skip that update
+    (the count in the checkpoint is 1), and both end with identical, finite weights after 4 steps."""
+    script = ALL_SCRIPTS[name]
+    out = tmp_path / "nan"
+    argv = [*script.args, "--train_batch_size", "4", "--max_train_steps", "4", "--checkpointing_steps", "4"]
+    launch_two_processes(script, argv, out, 29550 + sorted(ALL_SCRIPTS).index(name), nan_at="1:2")
+    state = json.loads((out / "checkpoint-4" / "hfgen_script_state.json").read_text())
+    assert state["nonfinite_steps"] == 1
+    assert_ranks_identical(out, 4, with_buffers=False)
+    assert all(torch.isfinite(v).all() for v in script.weights(out).values())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A damaged checkpoint
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ALL_SCRIPTS))
+def test_latest_skips_a_damaged_checkpoint_and_an_explicit_one_is_named(tmp_path, name, caplog):
+    """checkpoint-4's weights truncated after the run (a disk or copy fault): ``latest`` resumes from checkpoint-2
+    with a warning naming checkpoint-4, and the run finishes; an explicit ``checkpoint-4`` is a short ValueError
+    naming the damaged file and the newest whole checkpoint."""
+    script = ALL_SCRIPTS[name]
+    args = [*script.args, "--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", str(tmp_path)]
+    script.module.main(script.module.parse_args(args))
+    weights_file = tmp_path / "checkpoint-4" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:100])
+
+    resume = [*args, "--max_train_steps", "6"]  # the last value of a flag wins
+    with pytest.raises(ValueError, match=r"checkpoint-4.* is damaged: .*model.safetensors.*checkpoint-2"):
+        script.module.main(
+            script.module.parse_args([*resume, "--resume_from_checkpoint", str(tmp_path / "checkpoint-4")])
+        )
+    with caplog.at_level(logging.WARNING):
+        script.module.main(script.module.parse_args([*resume, "--resume_from_checkpoint", "latest"]))
+    assert "skipping damaged checkpoint" in caplog.text and "checkpoint-4" in caplog.text
+    assert "checkpoint-6" in checkpoints(tmp_path)

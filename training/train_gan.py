@@ -230,14 +230,14 @@ def recalibrate_batchnorm(
     return generator
 
 
-def sampling_generator(generator: GANGenerator, ema: EMAModel | None, args) -> GANGenerator:
-    """An eval-mode copy of the generator with the EMA weights (if any) and BatchNorm stats re-estimated for them."""
+def sampling_generator(generator: GANGenerator, ema: EMAModel | None, args, num_processes: int) -> GANGenerator:
+    """An eval-mode copy of the generator with the EMA weights (if any) and BatchNorm stats re-estimated for them, in
+    batches of the global training batch (``train_batch_size x num_processes``, the same for any process layout)."""
     g = plain_batchnorm(copy.deepcopy(generator))  # sampled by one process: no cross-process statistics
     if ema is not None:
         ema.copy_to(g.parameters())
-    return recalibrate_batchnorm(
-        g, args.bn_calibration_batches, args.train_batch_size, g.config.num_classes, seed=args.seed
-    )
+    batch = args.train_batch_size * num_processes
+    return recalibrate_batchnorm(g, args.bn_calibration_batches, batch, g.config.num_classes, seed=args.seed)
 
 
 @torch.no_grad()
@@ -402,7 +402,7 @@ def main(args: argparse.Namespace) -> dict:
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, weights,
                                 script_state={"nonfinite_steps": guard.skipped})  # fmt: skip
             if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
-                g_sample = sampling_generator(G_unwrapped, ema, args)
+                g_sample = sampling_generator(G_unwrapped, ema, args, accelerator.num_processes)
                 log_samples(g_sample, fixed_z, fixed_labels, args, accelerator, global_step)
             if global_step >= max_train_steps:
                 break
@@ -413,7 +413,7 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
     report = {"steps": global_step, "skipped_steps": guard.skipped, **logs}
     if accelerator.is_main_process:
-        g_final = sampling_generator(G_unwrapped, ema, args)
+        g_final = sampling_generator(G_unwrapped, ema, args, accelerator.num_processes)
         log_samples(g_final, fixed_z, fixed_labels, args, accelerator, global_step)
         pipeline = HFGenGANPipeline(generator=g_final)
         pipeline.save_pretrained(args.output_dir)
