@@ -225,3 +225,62 @@ def test_latest_skips_a_damaged_checkpoint_and_an_explicit_one_is_named(tmp_path
         script.module.main(script.module.parse_args([*resume, "--resume_from_checkpoint", "latest"]))
     assert "skipping damaged checkpoint" in caplog.text and "checkpoint-4" in caplog.text
     assert "checkpoint-6" in checkpoints(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trackers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ALL_SCRIPTS))
+def test_report_to_takes_accelerates_trackers(tmp_path, name, capsys):
+    module = ALL_SCRIPTS[name].module
+    for tracker in ("tensorboard", "wandb", "comet_ml", "all", "none"):
+        assert module.parse_args(["--report_to", tracker, "--output_dir", str(tmp_path)]).report_to == tracker
+    with pytest.raises(SystemExit):
+        module.parse_args(["--report_to", "tensorbord", "--output_dir", str(tmp_path)])
+    assert "--report_to" in capsys.readouterr().err
+
+
+def test_sample_grids_reach_every_active_tracker():
+    """TensorBoard gets ``add_image`` (HWC); any other tracker its own ``log_images`` (wandb turns them into
+    ``wandb.Image``)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from hfgen.training_utils import log_image_grid
+
+    calls = []
+    tensorboard = SimpleNamespace(
+        name="tensorboard", writer=SimpleNamespace(add_image=lambda *a, **k: calls.append(("tb", a, k)))
+    )
+    wandb = SimpleNamespace(name="wandb", log_images=lambda values, step: calls.append(("wandb", values, step)))
+    grid = Image.new("RGB", (8, 4))
+    log_image_grid(SimpleNamespace(trackers=[tensorboard, wandb]), "samples", grid, 7)
+    assert calls[0][0] == "tb" and calls[0][1][0] == "samples" and calls[0][1][1].shape == (4, 8, 3)
+    assert calls[0][1][2] == 7 and calls[0][2] == {"dataformats": "HWC"}
+    assert calls[1] == ("wandb", {"samples": [grid]}, 7)
+
+
+def test_checkpoint_damage_reads_the_manifest_or_opens_older_checkpoints(tmp_path):
+    """With a manifest: a missing or resized file is named. Without one (written before manifests): every
+    safetensors file is opened, and one that does not open is named."""
+    from safetensors.torch import save_file
+
+    from hfgen.training_utils import MANIFEST_FILE, checkpoint_damage, write_manifest
+
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    save_file({"w": torch.ones(4)}, folder / "model.safetensors")
+    (folder / "random_states_0.pkl").write_bytes(b"x" * 10)
+    assert checkpoint_damage(str(folder)) is None  # no manifest, the weights open
+    write_manifest(str(folder))
+    assert checkpoint_damage(str(folder)) is None
+    (folder / "random_states_0.pkl").write_bytes(b"x" * 9)
+    assert "random_states_0.pkl has 9 bytes, 10 when saved" in checkpoint_damage(str(folder))
+    (folder / "random_states_0.pkl").unlink()
+    assert "random_states_0.pkl is missing" in checkpoint_damage(str(folder))
+    (folder / MANIFEST_FILE).unlink()
+    (folder / "model.safetensors").write_bytes(b"\x00" * 5)
+    assert "model.safetensors does not open" in checkpoint_damage(str(folder))

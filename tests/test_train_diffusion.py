@@ -261,3 +261,29 @@ def test_mnist_class_conditional(tmp_path, mnist_path):
         "--max_train_steps", "1", "--num_validation_images", "1")  # fmt: skip
     pipe = HFGenPipeline.from_pretrained(tmp_path)
     assert pipe.denoiser.config.in_channels == 1 and pipe.denoiser.config.num_classes == 10
+
+
+def test_mixed_precision_defaults_to_accelerates_setting(tmp_path, monkeypatch):
+    """No --mixed_precision: the Accelerate setting (here ``ACCELERATE_MIXED_PRECISION=bf16``, as ``accelerate
+    launch --mixed_precision bf16`` exports it) decides; an explicit flag still wins."""
+    import hfgen.training.train_diffusion as script
+
+    seen = []
+
+    class RecordingAccelerator(script.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.mixed_precision)
+
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setattr(script, "Accelerator", RecordingAccelerator)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert parse_args(["--output_dir", str(tmp_path)]).mixed_precision is None
+    try:  # Accelerate keeps one state per process: start each run, and the next test, from a fresh one
+        for folder, flag in (("env", []), ("flag", ["--mixed_precision", "no"])):
+            AcceleratorState._reset_state(reset_partial_state=True)
+            run(tmp_path / folder, "--max_train_steps", "1", "--checkpointing_steps", "1", *flag)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert seen == ["bf16", "no"]
