@@ -4,6 +4,13 @@
   ``.tmp-checkpoint-<step>`` folder and renamed when complete, so a run killed during a write never leaves a
   half-written ``checkpoint-<step>``; ``--checkpoints_total_limit`` keeps the newest ones; ``--resume_from_checkpoint``
   takes ``latest`` or a ``checkpoint-<step>`` folder.
+  Each checkpoint ends with a manifest of its files and sizes; ``latest`` skips a damaged checkpoint with a warning,
+  an explicit damaged one is a ``ValueError`` naming the file and the newest whole checkpoint.
+- Many processes, the same in all four scripts: ``GlobalBatchDraws`` (random draws keyed by (seed, step, ...) and made
+  for the global batch, so 2 processes x b draw what 1 process x 2b draws), ``NonFiniteGuard`` (a non-finite loss
+  or gradient skips the update on every rank alike), ``gather_with_grad`` (CLIP's global-batch contrast) and
+  ``convert_sync_batchnorm`` (GAN ``--sync_batchnorm``, also on CPU / gloo).
+- Trackers: ``--report_to`` takes Accelerate's trackers; ``log_image_grid`` sends sample grids to each active one.
 - EMA: a diffusers ``EMAModel`` travels in the checkpoint as safetensors (``hfgen.loading.save_ema_state``) through
   Accelerate's save / load pre-hooks.
 - Data: the training set from ``--mnist_npz``, ``--dataset_name`` (Hub), ``--train_data_dir`` (imagefolder) or the

@@ -17,6 +17,12 @@ Per step: one discriminator update, then one generator update, each with its own
 The generator's weights are averaged (``--use_ema``, diffusers ``EMAModel``); the saved generator's BatchNorm
 statistics are re-estimated for the weights it is saved with. Output folder: an ``HFGenGANPipeline`` folder
 (``generator/``), plus ``discriminator/`` (to continue training), ``samples/`` grids and tensorboard logs.
+
+Many processes: the generator's BatchNorm normalises each process's batch with that batch's own statistics (as DDP
+does), so 2 processes x b train differently from 1 process x 2b; ``--sync_batchnorm`` uses the statistics of the
+global batch (torch's ``SyncBatchNorm`` on GPUs, ``hfgen.training_utils.GlobalBatchNorm2d`` elsewhere), and then both
+layouts train the same weights (tested). The minibatch-std groups of the discriminator are consecutive images, so a
+per-process batch that divides by the group size (4) forms the same groups.
 """
 
 from __future__ import annotations
