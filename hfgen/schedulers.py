@@ -18,7 +18,8 @@ Both schedulers take the same constructor arguments as diffusers' ``DDPMSchedule
 load both ways with ``from_config``. They differ from diffusers where diffusers is wrong:
 
 - DDIM steps to the actual next entry of ``self.timesteps`` (diffusers uses ``t - T // num_inference_steps``, which is
-  wrong for ``trailing`` / ``linspace`` spacing with an uneven stride and for custom timesteps).
+  wrong for ``trailing`` / ``linspace`` spacing with an uneven stride and for custom timesteps). A ``step`` at a t in
+  [0, T-1] that is not in ``self.timesteps`` follows diffusers' stride rule t' = t - T // n (both schedulers).
 - DDIM with ``eta > 0`` at zero terminal SNR gives no NaN (the direction coefficient
   ``sqrt(1 - alpha_bar_t' - sigma_t^2)`` is clamped at 0 where rounding makes its argument negative).
 - DDPM ``fixed_large_log`` uses log variance log(beta_t), i.e. std sqrt(beta_t) (diffusers takes sqrt of a log: NaN).
@@ -26,8 +27,13 @@ load both ways with ``from_config``. They differ from diffusers where diffusers 
   not t = 0 (``steps_offset``, custom timesteps).
 - Every schedule has exactly ``num_inference_steps`` unique, strictly decreasing timesteps in [0, T-1]
   (see ``_repair_schedule``).
-- Zero terminal SNR with epsilon prediction, more inference steps than training steps and out-of-range timesteps
-  are refused with a ValueError.
+- An epsilon-prediction step from alpha_bar_t = 0 (t = T-1 at zero terminal SNR, where x_0 is not recoverable; e.g.
+  the first step of ``trailing`` or ``linspace`` spacing), betas outside [0, 1), more inference steps than training
+  steps and out-of-range timesteps are refused with a ValueError. Zero terminal SNR itself is accepted, as in
+  diffusers: schedules that do not step from t = T-1 (``leading``) sample with epsilon prediction.
+
+Step outputs are diffusers ``BaseOutput`` dataclasses (``out.prev_sample``, ``out["prev_sample"]``, ``out[0]``,
+``out.to_tuple()``, ``out.keys()``), and ``previous_timestep`` returns a 0-d int64 tensor, as in diffusers.
 
 ``step()`` is lean: ``set_timesteps`` precomputes every per-step coefficient as a Python float, so a step is a
 dictionary lookup plus a handful of fused tensor ops on the sample.
@@ -35,6 +41,7 @@ dictionary lookup plus a handful of fused tensor ops on the sample.
 
 import itertools
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -43,6 +50,7 @@ import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "sigmoid_alpha_bar")
@@ -56,14 +64,24 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _StepOutput:
-    """Indexing like diffusers' ``BaseOutput`` (``out[0]``, ``out.to_tuple()``) without its per-step cost."""
+class _StepOutput(BaseOutput):
+    """diffusers' ``BaseOutput`` (an ordered dict of the non-None fields: ``out["prev_sample"]``, ``out[0]``,
+    ``out.keys()``, ``out.to_tuple()``) with a cheaper ``__post_init__``: the field names are read once per class,
+    not by ``dataclasses.fields`` on every step. Same result as ``BaseOutput.__post_init__`` for tensor fields."""
 
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self))
-
-    def __getitem__(self, index: int):
-        return self.to_tuple()[index]
+    def __post_init__(self) -> None:
+        cls = type(self)
+        names = cls.__dict__.get("_field_names")  # per class, so a subclass with more fields reads its own
+        if names is None:
+            names = cls._field_names = tuple(f.name for f in fields(self))
+        values = self.__dict__
+        if isinstance(values[names[0]], dict):  # BaseOutput's dict-as-first-field form
+            super().__post_init__()
+            return
+        for name in names:
+            value = values[name]
+            if value is not None:
+                OrderedDict.__setitem__(self, name, value)
 
 
 @dataclass
@@ -209,11 +227,17 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
             self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if float(self.alphas_cumprod[-1]) == 0.0 and cfg.prediction_type == "epsilon":
+        # beta_t in [0, 1] and alpha_bar_t > 0 before the last step; alpha_bar_{T-1} = 0 (zero terminal SNR) is
+        # allowed: only an epsilon step at t = T-1 is undefined, and ``step`` refuses that one
+        if bool(((self.betas < 0) | (self.betas > 1)).any()) or bool((self.alphas_cumprod[:-1] <= 0).any()):
+            source = (
+                "trained_betas"
+                if cfg.trained_betas is not None
+                else f"beta_start={cfg.beta_start}, beta_end={cfg.beta_end}, beta_schedule={cfg.beta_schedule!r}"
+            )
             raise ValueError(
-                "zero terminal SNR (alpha_bar_T = 0, from rescale_betas_zero_snr=True or trained_betas) cannot be used "
-                "with prediction_type='epsilon': x_0 is not recoverable from eps there; use prediction_type="
-                "'v_prediction' or 'sample'"
+                f"betas must lie in [0, 1) (beta = 1 only at the last step, zero terminal SNR), got betas in "
+                f"[{float(self.betas.min()):.4g}, {float(self.betas.max()):.4g}] from {source}"
             )
         # alpha_bar after the last step of a schedule: 1 (clean) for DDPM, alpha_bar_0 for DDIM's set_alpha_to_one=False
         self._final_alpha_bar = 1.0 if final_alpha_is_one else float(self.alphas_cumprod[0])
@@ -270,28 +294,49 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(schedule)
         self._set_schedule(schedule, device)
 
+    def _alpha_bar_prev(self, prev: list[int]) -> torch.Tensor:
+        """alpha_bar at each t' of ``prev`` (float32), the final level (``_final_alpha_bar``) where t' = -1."""
+        prev_t = torch.tensor(prev, dtype=torch.int64)
+        final = torch.tensor(self._final_alpha_bar, dtype=torch.float32)
+        return torch.where(prev_t >= 0, self.alphas_cumprod[prev_t.clamp(min=0)], final)
+
     def _set_schedule(self, schedule: list[int], device) -> None:
         self.timesteps = torch.tensor(schedule, dtype=torch.int64, device=device)
         self._schedule = schedule
-        self._index_of = {t: i for i, t in enumerate(schedule)}
+        self._index_of = {t: i for i, t in enumerate(schedule)}  # grows by the off-schedule timesteps step meets
+        self._prev = schedule[1:] + [-1]  # t' per index: the next schedule entry, -1 (clean level) after the last
         # float32 like diffusers' 0-d tensors, so both libraries round the coefficients the same way
-        alpha_bar_t = self.alphas_cumprod[schedule]
-        final = torch.tensor([self._final_alpha_bar], dtype=torch.float32)
-        alpha_bar_prev = torch.cat([alpha_bar_t[1:], final])  # alpha_bar at t', the next schedule entry
-        self._build_step_tables(alpha_bar_t, alpha_bar_prev)
+        tables = self._build_step_tables(self.alphas_cumprod[schedule], self._alpha_bar_prev(self._prev))
+        for name, values in tables.items():
+            setattr(self, name, values)
 
     def _step_index(self, timestep) -> int:
-        """Index of ``timestep`` in ``self.timesteps`` (an int or a 0-d / 1-element tensor of any int dtype/device)."""
+        """Index of ``timestep`` (an int or a 0-d / 1-element tensor of any int dtype/device) in the step tables."""
         i = self._index_of.get(int(timestep))
-        if i is None:
-            self._raise_bad_timestep(int(timestep))
-        return i
+        return self._add_off_schedule_step(int(timestep)) if i is None else i
 
-    def _raise_bad_timestep(self, t: int):
+    def _add_off_schedule_step(self, t: int) -> int:
+        """Tables for a t in [0, T-1] that is not in ``self.timesteps``: diffusers' stride rule t' = t - T // n
+        (-1, the clean level, where that is negative), appended after the schedule's entries; returns their index."""
         T = self.config.num_train_timesteps
         if not 0 <= t < T:
             raise ValueError(f"timestep must be in [0, {T - 1}] (num_train_timesteps={T}), got {t}")
-        raise ValueError(f"timestep {t} is not in the schedule set by set_timesteps: {self._schedule}")
+        prev = t - T // len(self._schedule)
+        prev = prev if prev >= 0 else -1
+        tables = self._build_step_tables(self.alphas_cumprod[[t]], self._alpha_bar_prev([prev]))
+        for name, values in tables.items():
+            getattr(self, name).extend(values)
+        self._prev.append(prev)
+        self._index_of[t] = i = len(self._prev) - 1
+        return i
+
+    def _raise_zero_snr_epsilon(self, t: int):
+        raise ValueError(
+            f"timestep {t} has alpha_bar_t = 0 (zero terminal SNR, from rescale_betas_zero_snr=True or trained_betas): "
+            "x_0 is not recoverable from eps there, so prediction_type='epsilon' cannot step from it; use "
+            "prediction_type='v_prediction' or 'sample', or a schedule that does not start at t = T-1 "
+            "(timestep_spacing='leading')"
+        )
 
     @staticmethod
     def _raise_bad_shape(model_output: torch.Tensor, sample: torch.Tensor, accepted: str = ""):
@@ -300,10 +345,10 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
             f"got {tuple(model_output.shape)}"
         )
 
-    def previous_timestep(self, timestep) -> int:
-        """t': the entry after ``timestep`` in ``self.timesteps``, or -1 after the last one."""
-        i = self._step_index(timestep)
-        return self._schedule[i + 1] if i + 1 < len(self._schedule) else -1
+    def previous_timestep(self, timestep) -> torch.Tensor:
+        """t' as a 0-d int64 tensor on the device of ``self.timesteps`` (like diffusers' ``DDPMScheduler``): the entry
+        after ``timestep`` in ``self.timesteps``, -1 after the last one; t - T // n for a t not in the schedule."""
+        return torch.tensor(self._prev[self._step_index(timestep)], device=self.timesteps.device)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """Identity: DDPM/DDIM feed x_t to the model unscaled (kept for interchangeability with other schedulers)."""
@@ -392,28 +437,36 @@ class DDPMScheduler(_DiscreteScheduler):
         sample_max_value: float = 1.0,  # largest dynamic threshold
         timestep_spacing: str = "leading",  # leading, trailing or linspace
         steps_offset: int = 0,  # added to leading timesteps
-        rescale_betas_zero_snr: bool = False,  # make alpha_bar_{T-1} = 0 (needs v_prediction or sample)
+        rescale_betas_zero_snr: bool = False,  # make alpha_bar_{T-1} = 0 (epsilon cannot step from t = T-1)
     ):
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
         self.variance_type = variance_type
         self._init_schedule(final_alpha_is_one=True)
 
-    def _build_step_tables(self, alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor) -> None:
-        """Per step i (t = timesteps[i], t' = the next entry): the constants of eqs. 6-7 and 15 as Python floats."""
+    def _build_step_tables(self, alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor) -> dict[str, list[float]]:
+        """Per step i (alpha_bar at t and t'): the constants of eqs. 6-7 and 15 as Python floats, by attribute name.
+
+        Each entry depends on its own step only, so alpha_bar_t = 0 (t = T-1 at zero terminal SNR) puts inf in
+        ``_inv_sqrt_ab`` of that step alone (``step`` refuses epsilon there) and NaN/inf in no other step."""
         one_m_ab, one_m_ab_prev = 1 - alpha_bar_t, 1 - alpha_bar_prev
         alpha = alpha_bar_t / alpha_bar_prev  # alpha_t and beta_t of the strided chain t -> t'
         beta = 1 - alpha
-        self._sqrt_ab = alpha_bar_t.sqrt().tolist()
-        self._sqrt_1m_ab = one_m_ab.sqrt().tolist()
-        self._inv_sqrt_ab = [1 / s if s > 0 else math.inf for s in self._sqrt_ab]
-        # posterior mean coefficients of eq. 7: mu = c_x0 x_0 + c_xt x_t
-        self._c_x0 = (alpha_bar_prev.sqrt() * beta / one_m_ab).tolist()
-        self._c_xt = (alpha.sqrt() * one_m_ab_prev / one_m_ab).tolist()
+        sqrt_ab = alpha_bar_t.sqrt().tolist()
         # standard deviations: beta tilde of eq. 7 (clamped, it enters a log) and beta_t; their logs for learned_range
         posterior = (one_m_ab_prev / one_m_ab * beta).clamp(min=1e-20)
-        self._std_small, self._std_large = posterior.sqrt().tolist(), beta.sqrt().tolist()
-        self._log_small, self._log_large = posterior.log().tolist(), beta.log().tolist()
+        return {
+            "_sqrt_ab": sqrt_ab,
+            "_sqrt_1m_ab": one_m_ab.sqrt().tolist(),
+            "_inv_sqrt_ab": [1 / s if s > 0 else math.inf for s in sqrt_ab],
+            # posterior mean coefficients of eq. 7: mu = c_x0 x_0 + c_xt x_t
+            "_c_x0": (alpha_bar_prev.sqrt() * beta / one_m_ab).tolist(),
+            "_c_xt": (alpha.sqrt() * one_m_ab_prev / one_m_ab).tolist(),
+            "_std_small": posterior.sqrt().tolist(),
+            "_std_large": beta.sqrt().tolist(),
+            "_log_small": posterior.log().tolist(),
+            "_log_large": beta.log().tolist(),
+        }
 
     def step(
         self,
@@ -423,7 +476,8 @@ class DDPMScheduler(_DiscreteScheduler):
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
     ) -> DDPMSchedulerOutput | tuple:
-        """One ancestral step x_t -> x_{t'} of DDPM Algorithm 2 (t' = the next entry of ``self.timesteps``).
+        """One ancestral step x_t -> x_{t'} of DDPM Algorithm 2 (t' = ``previous_timestep(t)``: the next entry of
+        ``self.timesteps``, or t - T // n for a t not in it).
 
         Legend (variable -> paper):
             sample -> x_t; model_output -> eps_theta(x_t, t), v or x_0 (by ``prediction_type``), with the
@@ -433,7 +487,7 @@ class DDPMScheduler(_DiscreteScheduler):
             prev_sample -> x_{t'}.
 
         :param model_output: (B, C, H, W), or (B, 2C, H, W) for ``learned`` / ``learned_range``.
-        :param timestep: an entry of ``self.timesteps`` (int or 0-d int tensor on any device).
+        :param timestep: t in [0, T-1] (int or 0-d int tensor on any device), usually an entry of ``self.timesteps``.
         :param sample: x_t, (B, C, H, W).
         """
         cfg = self.config
@@ -456,6 +510,8 @@ class DDPMScheduler(_DiscreteScheduler):
         # 1. x_0 hat from the model output: eq. 15, x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)
         sqrt_ab, sqrt_1m_ab = self._sqrt_ab[i], self._sqrt_1m_ab[i]
         if cfg.prediction_type == "epsilon":
+            if sqrt_ab == 0.0:  # alpha_bar_t = 0: t = T-1 at zero terminal SNR
+                self._raise_zero_snr_epsilon(int(timestep))
             pred_original_sample = torch.add(sample, model_output, alpha=-sqrt_1m_ab).mul_(self._inv_sqrt_ab[i])
         elif cfg.prediction_type == "v_prediction":  # x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v
             pred_original_sample = torch.add(sample * sqrt_ab, model_output, alpha=-sqrt_1m_ab)
@@ -469,9 +525,10 @@ class DDPMScheduler(_DiscreteScheduler):
         #                                  + sqrt(alpha_t) (1 - alpha_bar_t') / (1 - alpha_bar_t) x_t
         prev_sample = torch.add(pred_original_sample * self._c_x0[i], sample, alpha=self._c_xt[i])
 
-        # 4. x_{t'} = mu + sigma_t z, z ~ N(0, I), except on the last step (Algorithm 2: z = 0); sigma_t^2 from eq. 6:
-        #    beta tilde (fixed_small), beta_t (fixed_large) or learned (Improved DDPM interpolates their logs)
-        if i + 1 < len(self._schedule):
+        # 4. x_{t'} = mu + sigma_t z, z ~ N(0, I), except into the clean level t' = -1 (Algorithm 2: z = 0 on the last
+        #    step); sigma_t^2 from eq. 6: beta tilde (fixed_small), beta_t (fixed_large) or learned (Improved DDPM
+        #    interpolates their logs)
+        if self._prev[i] >= 0:
             noise = randn_tensor(
                 model_output.shape, generator=generator, device=sample.device, dtype=model_output.dtype
             )
@@ -522,23 +579,29 @@ class DDIMScheduler(_DiscreteScheduler):
         clip_sample_range: float = 1.0,
         sample_max_value: float = 1.0,  # largest dynamic threshold
         timestep_spacing: str = "leading",  # leading, trailing or linspace
-        rescale_betas_zero_snr: bool = False,  # make alpha_bar_{T-1} = 0 (needs v_prediction or sample)
+        rescale_betas_zero_snr: bool = False,  # make alpha_bar_{T-1} = 0 (epsilon cannot step from t = T-1)
     ):
         self._init_schedule(final_alpha_is_one=set_alpha_to_one)
         self.final_alpha_cumprod = torch.tensor(self._final_alpha_bar, dtype=torch.float32)
 
-    def _build_step_tables(self, alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor) -> None:
-        """Per step i (t = timesteps[i], t' = the next entry): the constants of eqs. 12 and 16 as Python floats."""
+    def _build_step_tables(self, alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor) -> dict[str, list[float]]:
+        """Per step i (alpha_bar at t and t'): the constants of eqs. 12 and 16 as Python floats, by attribute name.
+
+        Each entry depends on its own step only, so alpha_bar_t = 0 (t = T-1 at zero terminal SNR) puts inf in
+        ``_inv_sqrt_ab`` of that step alone (``step`` refuses epsilon there) and NaN/inf in no other step."""
         one_m_ab, one_m_ab_prev = 1 - alpha_bar_t, 1 - alpha_bar_prev
-        self._sqrt_ab = alpha_bar_t.sqrt().tolist()
-        self._sqrt_1m_ab = one_m_ab.sqrt().tolist()
-        self._inv_sqrt_ab = [1 / s if s > 0 else math.inf for s in self._sqrt_ab]
-        self._inv_sqrt_1m_ab = [1 / s if s > 0 else math.inf for s in self._sqrt_1m_ab]
-        self._sqrt_ab_prev = alpha_bar_prev.sqrt().tolist()
-        self._sqrt_1m_ab_prev = one_m_ab_prev.sqrt().tolist()
-        self._1m_ab_prev = one_m_ab_prev.tolist()
-        # sigma_t(1)^2 of eq. 16: (1 - alpha_bar_t') / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_t')
-        self._variance = (one_m_ab_prev / one_m_ab * (1 - alpha_bar_t / alpha_bar_prev)).tolist()
+        sqrt_ab, sqrt_1m_ab = alpha_bar_t.sqrt().tolist(), one_m_ab.sqrt().tolist()
+        return {
+            "_sqrt_ab": sqrt_ab,
+            "_sqrt_1m_ab": sqrt_1m_ab,
+            "_inv_sqrt_ab": [1 / s if s > 0 else math.inf for s in sqrt_ab],
+            "_inv_sqrt_1m_ab": [1 / s if s > 0 else math.inf for s in sqrt_1m_ab],
+            "_sqrt_ab_prev": alpha_bar_prev.sqrt().tolist(),
+            "_sqrt_1m_ab_prev": one_m_ab_prev.sqrt().tolist(),
+            "_1m_ab_prev": one_m_ab_prev.tolist(),
+            # sigma_t(1)^2 of eq. 16: (1 - alpha_bar_t') / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_t')
+            "_variance": (one_m_ab_prev / one_m_ab * (1 - alpha_bar_t / alpha_bar_prev)).tolist(),
+        }
 
     def step(
         self,
@@ -551,7 +614,8 @@ class DDIMScheduler(_DiscreteScheduler):
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> DDIMSchedulerOutput | tuple:
-        """One DDIM step x_t -> x_{t'} of eq. 12, t' = the next entry of ``self.timesteps`` (not t - T // n).
+        """One DDIM step x_t -> x_{t'} of eq. 12, t' = the next entry of ``self.timesteps`` (not t - T // n); for a t
+        not in ``self.timesteps``, t' = t - T // n as in diffusers.
 
         Legend (variable -> paper):
             sample -> x_t; model_output -> eps_theta(x_t, t), v or x_0 (by ``prediction_type``);
@@ -561,7 +625,7 @@ class DDIMScheduler(_DiscreteScheduler):
             prev_sample -> x_{t-1}, the sample at t'.
 
         :param model_output: (B, C, H, W).
-        :param timestep: an entry of ``self.timesteps`` (int or 0-d int tensor on any device).
+        :param timestep: t in [0, T-1] (int or 0-d int tensor on any device), usually an entry of ``self.timesteps``.
         :param sample: x_t, (B, C, H, W).
         :param eta: 0 = deterministic DDIM, 1 = DDPM-like noise.
         :param use_clipped_model_output: re-derive eps from the clipped x_0 hat (as GLIDE does).
@@ -575,6 +639,8 @@ class DDIMScheduler(_DiscreteScheduler):
 
         # 1. "predicted x_0" and eps of eq. 12: x_0 = (x_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)
         if cfg.prediction_type == "epsilon":
+            if sqrt_ab == 0.0:  # alpha_bar_t = 0: t = T-1 at zero terminal SNR
+                self._raise_zero_snr_epsilon(int(timestep))
             pred_epsilon = model_output
             pred_original_sample = torch.add(sample, model_output, alpha=-sqrt_1m_ab).mul_(self._inv_sqrt_ab[i])
         elif cfg.prediction_type == "v_prediction":
