@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from tolerances import assert_close_float32
 
 from hfgen import AUTOENCODER_PRESETS, AutoencoderModel, HFGenVAEPipeline, VAEModel
 from hfgen.data import image_transform, make_shapes_dataset
@@ -201,7 +202,9 @@ def test_pipeline_outputs_and_round_trip(tmp_path):
     for method in ("linear", "slerp"):
         path = pipe.interpolate(images[0], images[1], num_steps=5, method=method, output_type="pt").images
         assert path.shape == (5, 1, 16, 16)
-        assert torch.allclose(path[0], recon[0], atol=1e-5) and torch.allclose(path[-1], recon[1], atol=1e-5)
+        # encoder batch 1 vs 2, decoder batch 5 vs 2: other conv blockings (other kernels on another CPU), and slerp's
+        # sin((1 - t) theta) / sin(theta) is 1 at t = 0 only up to rounding: 256 float32 eps of [0, 1] (17 measured)
+        assert_close_float32(path[[0, -1]], recon, num_eps=256, floor=1.0, msg=method)
 
     pipe.save_pretrained(tmp_path)
     loaded = HFGenVAEPipeline.from_pretrained(tmp_path)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tiny_clip import make_tiny_clip_model, make_tiny_clip_tokenizer
+from tolerances import assert_close_float32
 from transformers import CLIPProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from hfgen import UNET_PRESETS, DDIMScheduler, HFGenTextToImagePipeline, UNetModel
@@ -239,9 +240,8 @@ def test_train_clip_zero_shot_beats_chance(tmp_path):
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
     ids = tokenizer(["a red circle"], padding="max_length", max_length=8, return_tensors="pt")
     with torch.no_grad():
-        torch.testing.assert_close(
-            text_encoder(**ids).text_embeds, full.get_text_features(**ids).pooler_output, atol=1e-5, rtol=0
-        )
+        # two model classes, the same weights and batch: the same ops up to a few roundings (< 1 eps measured)
+        assert_close_float32(text_encoder(**ids).text_embeds, full.get_text_features(**ids).pooler_output, num_eps=64)
 
 
 def test_train_clip_checkpoints_resume_and_layout_for_train_diffusion(tmp_path):

@@ -3,6 +3,7 @@
 import diffusers
 import pytest
 import torch
+from tolerances import assert_close_float32
 
 import hfgen
 from hfgen.unet import UNET_PRESETS, AttentionBlock, ResBlock, UNetModel
@@ -111,7 +112,9 @@ def test_per_sample_independence_of_batch():
     with torch.no_grad():
         both = model(x, t).sample
         first = model(x[:1], t[:1]).sample
-    torch.testing.assert_close(both[:1], first, rtol=1e-5, atol=1e-5)
+    # batch 2 and batch 1 run the convs and matmuls with other blockings (other kernels on another CPU): sums of up to
+    # 9 x 64 products in another order, a few tens of float32 eps of the output's magnitude at most (5 measured)
+    assert_close_float32(both[:1], first, num_eps=256)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -166,10 +169,12 @@ def test_encoder_attention_mask_respected():
         # a mask of booleans means the same; truncating to the kept tokens means the same
         as_bool = model(x, t, encoder_hidden_states=text, encoder_attention_mask=mask.bool()).sample
         short = model(x[:1], t[:1], encoder_hidden_states=text[:1, :3]).sample
-    torch.testing.assert_close(same, ref, rtol=1e-5, atol=1e-5)
+    # masked tokens get weight exp(-inf) = 0: the same kernels and shapes give the same sums (0 eps measured)
+    assert_close_float32(same, ref, num_eps=16)
     assert not torch.allclose(diff[0], ref[0]) and torch.allclose(diff[1], ref[1])
     assert torch.equal(as_bool, ref)
-    torch.testing.assert_close(short, ref[:1], rtol=1e-5, atol=1e-5)
+    # batch 1 with 3 tokens vs batch 2 with 6 (3 masked): other kernel blockings, as in the test above (7 measured)
+    assert_close_float32(short, ref[:1], num_eps=256)
     # a sample whose tokens are all masked still gives a finite output
     with torch.no_grad():
         none_kept = model(x, t, encoder_hidden_states=text, encoder_attention_mask=torch.zeros(2, 6)).sample
