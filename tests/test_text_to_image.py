@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from tiny_clip import make_tiny_clip_tokenizer, make_tiny_text_encoder
+from tolerances import assert_close_float32
 
 from hfgen import UNET_PRESETS, HFGenTextToImagePipeline, UNetModel
 from hfgen.autoencoder import AUTOENCODER_PRESETS, AutoencoderModel
@@ -170,7 +171,9 @@ def test_guidance_combines_conditional_and_unconditional_predictions(tokenizer, 
     for s in (1.0, 2.0, 3.0):
         out[s] = pipe("a red circle", num_inference_steps=1, guidance_scale=s, generator=gen(), output_type="latent")
     x1, x2, x3 = (out[s].images for s in (1.0, 2.0, 3.0))
-    torch.testing.assert_close(x3 - x2, x2 - x1, atol=1e-5, rtol=0)
+    # guidance 1 runs a batch of 1, guidance 2 and 3 a batch of 2: the predictions round differently, by a few
+    # float32 eps of their magnitude, and the difference of differences carries (1 + s) of it
+    assert_close_float32(x3 - x2, x2 - x1, num_eps=256, floor=max(x.abs().max().item() for x in (x1, x2, x3)))
     assert (x2 - x1).abs().max() > 1e-4
 
 
