@@ -4,15 +4,16 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch is pinned first: on these machines torch==2.13.0 is a CPU build already on disk,
-# an unpinned torch would pull a multi-GB CUDA build.
+# torch is installed first, from TORCH_SPEC: the words are passed to pip unquoted, so pip options work, e.g.
+#   make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# (on Linux PyPI's torch is a multi-GB CUDA build). Quote a specifier with < or >: TORCH_SPEC="'torch>=2.4'".
 TORCH_SPEC ?= torch==2.13.0
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; run 'make PYTHON=python3 ...'"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

@@ -3,9 +3,11 @@
 - ``make_shapes_dataset``: the built-in procedural data set (one filled circle / square / triangle in one pure colour
   on black, captioned "a red circle"), the default everywhere a data set is needed. ``exclude_pairs`` holds chosen
   (colour, shape) pairs out of training to measure generalisation to unseen combinations.
-- ``load_mnist_npz``: the 10k MNIST digits of ``../shared/data/mnist10k.npz`` (first 8000 train, last 2000 test).
-- ``load_image_dataset``: any image data set from the Hub or a local ``imagefolder``; columns are checked up front
-  and renamed to the common ``image`` / ``text`` / ``label``.
+- ``load_mnist_npz``: MNIST digits from an npz file, e.g. the tests' and benchmarks' ``../shared/data/mnist10k.npz``
+  (first 8000 train, last 2000 test).
+- ``load_image_dataset``: any image data set from the Hub (by name, e.g. ``ylecun/mnist``; offline from the cache of an
+  earlier run, or from a local folder of its data files) or a local ``imagefolder``; columns are checked up front and
+  renamed to the common ``image`` / ``text`` / ``label``.
 - ``image_transform``: PIL image -> (C, H, W) float tensor in [-1, 1] at the training resolution.
 
 Every loader returns a ``datasets.Dataset`` with an ``image`` column and, where known, ``text`` and ``label``.
@@ -176,7 +178,7 @@ def load_mnist_npz(path: str | os.PathLike, split: str = "train") -> Dataset:
 
 
 def load_image_dataset(
-    dataset_name: str | None = None,
+    dataset_name: str | os.PathLike | None = None,
     train_data_dir: str | os.PathLike | None = None,
     dataset_config_name: str | None = None,
     split: str = "train",
@@ -189,13 +191,20 @@ def load_image_dataset(
     Load an image data set from the Hub (``dataset_name``) or a local folder (``train_data_dir``, the ``imagefolder``
     layout: images in the folder or in class sub-folders, optional ``metadata.jsonl`` with a ``file_name`` key).
 
+    ``dataset_name`` goes to ``datasets.load_dataset`` as it is: a Hub name such as ``"ylecun/mnist"`` (with
+    ``HF_HUB_OFFLINE=1`` it is read from the datasets cache an earlier online run filled: ``cache_dir``, by default
+    ``~/.cache/huggingface/datasets``), or a
+    local folder holding a data set's files, e.g. its parquet files as ``hf download ... --local-dir`` writes them.
+
     The named columns are checked up front and renamed to ``image`` / ``text`` / ``label``; other columns are dropped.
     Images of a local folder are all opened once, so an unreadable file fails here, naming the file.
     """
     if (dataset_name is None) == (train_data_dir is None):
         raise ValueError("give exactly one of dataset_name or train_data_dir")
     if dataset_name is not None:
+        dataset_name = os.fspath(dataset_name)  # a local folder may be given as a Path
         dataset = load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
+        dataset = dataset.shuffle(seed=0)
         source = f"dataset_name={dataset_name!r}"
     else:
         train_data_dir = os.fspath(train_data_dir)

@@ -1,8 +1,14 @@
 import json
+import shutil
+from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
+from datasets import ClassLabel, Dataset, Features
+from datasets import Image as ImageFeature
+from datasets.packaged_modules.parquet.parquet import Parquet
 from PIL import Image
 
 from hfgen.data import (
@@ -159,3 +165,93 @@ def test_transform_channels_resize_flip():
     assert len(corners) == 2  # both orientations appear
     with pytest.raises(ValueError, match="channels must be 1 or 3"):
         image_transform(8, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A Hub data set by name (--dataset_name ylecun/mnist), offline
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _mnist_like(images: np.ndarray, labels: np.ndarray) -> Dataset:
+    """A ``datasets.Dataset`` with the schema of ``ylecun/mnist``: ``image`` (PIL "L" 28x28), ``label`` ClassLabel."""
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+    rows = {"image": [Image.fromarray(im, mode="L") for im in images], "label": labels.tolist()}
+    return Dataset.from_dict(rows, features=features)
+
+
+def _cache_as_hub_download(parquet: Path, cache_dir: Path, repo_id: str = "ylecun/mnist", config: str = "mnist"):
+    """Leave in ``cache_dir`` what ``load_dataset(repo_id, cache_dir=cache_dir)`` leaves after one online run:
+    ``<namespace>___<name>/<config>/0.0.0/<commit>/`` with ``<name>-train.arrow`` and ``dataset_info.json``."""
+    namespace, name = repo_id.split("/")
+    staging = cache_dir / "staging"
+    builder = Parquet(
+        cache_dir=str(staging),
+        dataset_name=name,
+        config_name=config,
+        hash="0123456789abcdef",
+        data_files={"train": str(parquet)},
+    )
+    builder.download_and_prepare()
+    # the staged folder is <name>/<config>-<data-files hash>; a Hub config has no suffix
+    staged = Path(builder.cache_dir).parents[1]
+    (cache_dir / f"{namespace}___{name}").mkdir()
+    shutil.move(staged, cache_dir / f"{namespace}___{name}" / config)
+    shutil.rmtree(staging)
+
+
+def _training_batches(argv: list[str]) -> dict:
+    """Every training example as train_diffusion.py feeds them to the model: its flags, its data loading, its
+    transform and collate, one batch of the whole (small) set in data-set order."""
+    from hfgen.training.train_diffusion import TrainExamples, collate, load_training_data, parse_args
+
+    args = parse_args(["--output_dir", "unused", "--conditioning", "class", "--pad_images", *argv])
+    dataset = load_training_data(args)
+    assert dataset.features["label"].num_classes == 10  # where the script reads num_classes from
+    transform = image_transform(args.resolution, args.channels, center_crop=args.center_crop, pad=args.pad_images)
+    loader = torch.utils.data.DataLoader(
+        TrainExamples(dataset, transform), batch_size=len(dataset), shuffle=False, collate_fn=collate
+    )
+    return next(iter(loader))
+
+
+@pytest.mark.parametrize("where", ["hub_cache", "local_folder"])
+def test_hub_dataset_name_offline_gives_what_the_npz_gives(tmp_path, where):
+    """``--dataset_name ylecun/mnist`` (columns ``image`` / ``label``) through the scripts' ``dataset_name`` branch,
+    with no network: from the HF datasets cache an earlier online run left, and from a local folder of the repo's
+    parquet files (what ``hf download ylecun/mnist --repo-type dataset --local-dir DIR`` writes). The training batches
+    equal those of the same digits given as ``--mnist_npz``."""
+    assert datasets.config.HF_HUB_OFFLINE  # tests/conftest.py: no request may reach the Hub
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    images[:, 0, 0], images[:, -1, -1] = 0, 255  # the full range shows in [-1, 1]
+    labels = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
+    np.savez(tmp_path / "digits.npz", images=images, labels=labels)
+    repo = tmp_path / "hub" / "ylecun" / "mnist"  # the repo's layout: mnist/train-00000-of-00001.parquet
+    (repo / "mnist").mkdir(parents=True)
+    _mnist_like(images, labels).to_parquet(str(parquet := repo / "mnist" / "train-00000-of-00001.parquet"))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if where == "hub_cache":
+        _cache_as_hub_download(parquet, cache)
+        name = "ylecun/mnist"
+    else:
+        name = str(repo)
+
+    hub = _training_batches(["--dataset_name", name, "--cache_dir", str(cache), "--channels", "1"])
+    npz = _training_batches(["--mnist_npz", str(tmp_path / "digits.npz"), "--channels", "1"])
+    assert hub["x"].shape == npz["x"].shape == (12, 1, 32, 32)  # 28x28 padded to --resolution 32
+    assert hub["x"].min() == -1 and hub["x"].max() == 1
+    assert torch.equal(hub["x"], npz["x"])
+    assert hub["label"].tolist() == npz["label"].tolist() == labels.tolist()
+    expected = torch.from_numpy(images).float() / 127.5 - 1
+    assert torch.equal(hub["x"][:, 0, 2:30, 2:30], expected)
+
+
+def test_hub_dataset_name_offline_not_cached_names_it(tmp_path):
+    with pytest.raises(ConnectionError, match="ylecun/mnist"):
+        load_image_dataset(dataset_name="ylecun/mnist", cache_dir=str(tmp_path))
+    repo = tmp_path / "mnist"
+    repo.mkdir()
+    _mnist_like(np.zeros((2, 28, 28), np.uint8), np.array([0, 1])).to_parquet(str(repo / "train.parquet"))
+    with pytest.raises(ValueError, match=r"label_column 'digit' .*\['image', 'label'\]"):
+        load_image_dataset(dataset_name=repo, label_column="digit", cache_dir=str(tmp_path / "cache"))
