@@ -204,7 +204,6 @@ def load_image_dataset(
     if dataset_name is not None:
         dataset_name = os.fspath(dataset_name)  # a local folder may be given as a Path
         dataset = load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
-        dataset = dataset.shuffle(seed=0)
         source = f"dataset_name={dataset_name!r}"
     else:
         train_data_dir = os.fspath(train_data_dir)
