@@ -56,13 +56,7 @@ TEXT_DIM = 32
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; restored afterwards, so no other module inherits it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread: conftest.py sets it for the whole session (tiny models run fastest on one)
 
 
 def _tiny(factory):
