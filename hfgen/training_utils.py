@@ -173,8 +173,8 @@ def save_checkpoint(
     ``total_limit``. Call it on every process (each writes its own random states).
 
     :param weights: tensors checked first: if any holds NaN or inf, no checkpoint is written (``RuntimeError``).
-    :param script_state: small JSON-able counters of the script (``SCRIPT_STATE_FILE`` in the checkpoint), read back
-        with ``read_script_state``.
+    :param script_state: small JSON-able counters of the script (``SCRIPT_STATE_FILE`` in the checkpoint), returned
+        again by ``load_checkpoint``.
     """
     if not all_finite(weights):
         raise RuntimeError(f"refusing to write checkpoint-{step}: the weights hold NaN or inf")
@@ -197,25 +197,18 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator, resume_from_checkpoint: str | None, output_dir: str) -> int:
-    """Restore the state of ``--resume_from_checkpoint`` (``latest`` or a folder); returns its step, 0 for a new run."""
+def load_checkpoint(accelerator, resume_from_checkpoint: str | None, output_dir: str) -> tuple[int, dict]:
+    """Restore the state of ``--resume_from_checkpoint`` (``latest`` or a folder); returns its step and the
+    ``script_state`` saved with it, (0, {}) for a new run ({} for a checkpoint written without one)."""
     path, step = resolve_resume(resume_from_checkpoint, output_dir)
     if path is None:
         if resume_from_checkpoint is not None:
             logger.info(f"no checkpoint in {output_dir}: starting a new run")
-        return 0
+        return 0, {}
     accelerator.load_state(path)
     logger.info(f"resumed from {path} at step {step}")
-    return step
-
-
-def read_script_state(resume_from_checkpoint: str | None, output_dir: str) -> dict:
-    """The ``script_state`` saved with the checkpoint that ``load_checkpoint`` resumes from; {} for a new run or a
-    checkpoint written without one."""
-    path, _ = resolve_resume(resume_from_checkpoint, output_dir)
-    if path is None or not os.path.exists(os.path.join(path, SCRIPT_STATE_FILE)):
-        return {}
-    return json.loads(Path(path, SCRIPT_STATE_FILE).read_text())
+    state_file = Path(path, SCRIPT_STATE_FILE)
+    return step, json.loads(state_file.read_text()) if state_file.exists() else {}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -273,12 +266,21 @@ class NonFiniteGuard:
     rank, at the same step).
 
     Use: ``guard.check(loss)`` after each forward (and ``guard.check(grad_norm)`` after clipping); step the optimizer
-    only when ``guard.ok``; then ``guard.end_update(step)`` once per optimizer update.
+    only when ``guard.ok``; then ``guard.end_update(step)`` once per optimizer update. The count of skipped updates
+    travels in the checkpoints: ``save_checkpoint(..., script_state=guard.script_state())``, and the ``script_state``
+    that ``load_checkpoint`` returns goes back into the constructor.
     """
 
-    def __init__(self, accelerator, max_skips: int, skipped: int = 0):
-        self.accelerator, self.max_skips, self.skipped = accelerator, max_skips, skipped
+    STATE_KEY = "nonfinite_steps"  # the count's name in the checkpoint's script state
+
+    def __init__(self, accelerator, max_skips: int, script_state: dict | None = None):
+        self.accelerator, self.max_skips = accelerator, max_skips
+        self.skipped = (script_state or {}).get(self.STATE_KEY, 0)  # carried over from the resumed checkpoint
         self.ok = True  # the pending update has been finite on every rank so far
+
+    def script_state(self) -> dict:
+        """What a checkpoint keeps of the guard (``save_checkpoint(script_state=...)``)."""
+        return {self.STATE_KEY: self.skipped}
 
     def check(self, *tensors: torch.Tensor | None) -> bool:
         """Fold ``tensors`` (None is ignored) into the pending update's flag; returns the flag."""

@@ -50,7 +50,6 @@ from hfgen.training_utils import (
     load_checkpoint,
     load_train_dataset,
     log_image_grid,
-    read_script_state,
     remove_partial_checkpoints,
     save_checkpoint,
     to_pil_grid,
@@ -281,7 +280,7 @@ def main(args: argparse.Namespace) -> dict:
         )
 
     # 4. resume
-    global_step = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
+    global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
     first_epoch = global_step // steps_per_epoch
     resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
@@ -291,8 +290,7 @@ def main(args: argparse.Namespace) -> dict:
     fixed_images = fixed_images.to(accelerator.device)
     latent_shape = (unwrapped.config.latent_channels,) + (args.resolution // unwrapped.downsample_factor,) * 2
     progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
-    guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, read_script_state(args.resume_from_checkpoint,
-                           args.output_dir).get("nonfinite_steps", 0))  # fmt: skip
+    guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
     logs = {}
     for epoch in range(first_epoch, num_epochs):
         model.train()
@@ -331,7 +329,7 @@ def main(args: argparse.Namespace) -> dict:
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 weights = list(unwrapped.parameters()) + (list(ema.shadow_params) if ema else [])
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, weights,
-                                script_state={"nonfinite_steps": guard.skipped})  # fmt: skip
+                                script_state=guard.script_state())  # fmt: skip
             if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
                 log_samples(unwrapped, fixed_images, args, accelerator, global_step)
             if global_step >= max_train_steps:

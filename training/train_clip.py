@@ -50,7 +50,6 @@ from hfgen.training_utils import (
     gather_with_grad,
     load_checkpoint,
     load_train_dataset,
-    read_script_state,
     remove_partial_checkpoints,
     save_checkpoint,
     tracker_arg,
@@ -320,7 +319,7 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.init_trackers("train_clip", config={k: v for k, v in vars(args).items() if v is not None})
 
     # 5. resume
-    global_step = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
+    global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
     first_epoch = global_step // steps_per_epoch
     resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
@@ -329,8 +328,7 @@ def main(args: argparse.Namespace) -> dict:
     progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     unwrapped = accelerator.unwrap_model(model)
     loss_value = float("nan")
-    guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, read_script_state(args.resume_from_checkpoint,
-                           args.output_dir).get("nonfinite_steps", 0))  # fmt: skip
+    guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
     for epoch in range(first_epoch, num_epochs):
         model.train()
         loader.set_epoch(epoch)
@@ -375,7 +373,7 @@ def main(args: argparse.Namespace) -> dict:
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 weights = list(unwrapped.parameters()) + (list(ema.shadow_params) if ema else [])
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, weights,
-                                script_state={"nonfinite_steps": guard.skipped})  # fmt: skip
+                                script_state=guard.script_state())  # fmt: skip
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:

@@ -47,7 +47,6 @@ from hfgen.training_utils import (
     load_checkpoint,
     load_train_dataset,
     log_image_grid,
-    read_script_state,
     remove_partial_checkpoints,
     resolve_resume,
     save_checkpoint,
@@ -564,7 +563,7 @@ def main(args: argparse.Namespace) -> None:
         vae.to(device, dtype=weight_dtype)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
-    global_step = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
+    global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
     if accelerator.is_main_process and args.report_to != "none":
@@ -648,8 +647,7 @@ def main(args: argparse.Namespace) -> None:
     progress = tqdm(
         range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
-    guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, read_script_state(args.resume_from_checkpoint,
-                           args.output_dir).get("nonfinite_steps", 0))  # fmt: skip
+    guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
     model.train()
     for epoch in range(first_epoch, num_epochs):
         train_dataloader.set_epoch(epoch)
@@ -690,7 +688,7 @@ def main(args: argparse.Namespace) -> None:
                     global_step,
                     args.checkpoints_total_limit,
                     weights,
-                    script_state={"nonfinite_steps": guard.skipped},
+                    script_state=guard.script_state(),
                 )
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 validate(global_step)

@@ -58,7 +58,6 @@ from hfgen.training_utils import (
     load_train_dataset,
     log_image_grid,
     plain_batchnorm,
-    read_script_state,
     remove_partial_checkpoints,
     save_checkpoint,
     to_pil_grid,
@@ -334,7 +333,7 @@ def main(args: argparse.Namespace) -> dict:
         )
 
     # 4. resume
-    global_step = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
+    global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
     first_epoch = global_step // steps_per_epoch
     resume_batches = global_step % steps_per_epoch
 
@@ -349,8 +348,7 @@ def main(args: argparse.Namespace) -> dict:
         fixed_labels = (torch.arange(args.num_sample_images) % num_classes).to(device)
     progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     logs = {}
-    guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, read_script_state(args.resume_from_checkpoint,
-                           args.output_dir).get("nonfinite_steps", 0))  # fmt: skip
+    guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
     for epoch in range(first_epoch, num_epochs):
         G.train()
         D.train()
@@ -406,7 +404,7 @@ def main(args: argparse.Namespace) -> dict:
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 weights = [*G_unwrapped.parameters(), *D.parameters(), *(ema.shadow_params if ema else [])]
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, weights,
-                                script_state={"nonfinite_steps": guard.skipped})  # fmt: skip
+                                script_state=guard.script_state())  # fmt: skip
             if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
                 g_sample = sampling_generator(G_unwrapped, ema, args, accelerator.num_processes)
                 log_samples(g_sample, fixed_z, fixed_labels, args, accelerator, global_step)
