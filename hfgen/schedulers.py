@@ -53,6 +53,8 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from . import objectives
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "sigmoid_alpha_bar")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -359,8 +361,9 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
 
     # --- forward process ----------------------------------------------------------------------------------------
 
-    def _noise_coefficients(self, timesteps, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) for int ``timesteps`` () or (B,), shaped (B, 1, ..., 1) like ``like``."""
+    def noise_coefficients(self, timesteps, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) of x_t = alpha_t x_0 + sigma_t eps, for int
+        ``timesteps`` () or (B,), shaped (B, 1, ..., 1) in the dtype and on the device of ``like``."""
         t = torch.as_tensor(timesteps)
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"timesteps must be integers, got dtype {t.dtype}")
@@ -381,13 +384,13 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4); ``timesteps`` int () or (B,)."""
-        sqrt_ab, sqrt_1m_ab = self._noise_coefficients(timesteps, original_samples)
-        return sqrt_ab * original_samples + sqrt_1m_ab * noise
+        sqrt_ab, sqrt_1m_ab = self.noise_coefficients(timesteps, original_samples)
+        return objectives.noisy_sample(original_samples, noise, sqrt_ab, sqrt_1m_ab)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """v_t = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0, the v-prediction target (``sample`` is x_0)."""
-        sqrt_ab, sqrt_1m_ab = self._noise_coefficients(timesteps, sample)
-        return sqrt_ab * noise - sqrt_1m_ab * sample
+        sqrt_ab, sqrt_1m_ab = self.noise_coefficients(timesteps, sample)
+        return objectives.v_target(sample, noise, sqrt_ab, sqrt_1m_ab)
 
     # --- x_0 clipping -------------------------------------------------------------------------------------------
 
@@ -447,8 +450,8 @@ class DDPMScheduler(_DiscreteScheduler):
     def _build_step_tables(self, alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor) -> dict[str, list[float]]:
         """Per step i (alpha_bar at t and t'): the constants of eqs. 6-7 and 15 as Python floats, by attribute name.
 
-        Each entry depends on its own step only, so alpha_bar_t = 0 (t = T-1 at zero terminal SNR) puts inf in
-        ``_inv_sqrt_ab`` of that step alone (``step`` refuses epsilon there) and NaN/inf in no other step."""
+        Each entry depends on its own step only, so alpha_bar_t = 0 (t = T-1 at zero terminal SNR) reaches that step
+        alone (``step`` refuses epsilon there, where x_0 = x_t / 0) and puts NaN/inf in no other step."""
         one_m_ab, one_m_ab_prev = 1 - alpha_bar_t, 1 - alpha_bar_prev
         alpha = alpha_bar_t / alpha_bar_prev  # alpha_t and beta_t of the strided chain t -> t'
         beta = 1 - alpha
@@ -458,7 +461,6 @@ class DDPMScheduler(_DiscreteScheduler):
         return {
             "_sqrt_ab": sqrt_ab,
             "_sqrt_1m_ab": one_m_ab.sqrt().tolist(),
-            "_inv_sqrt_ab": [1 / s if s > 0 else math.inf for s in sqrt_ab],
             # posterior mean coefficients of eq. 7: mu = c_x0 x_0 + c_xt x_t
             "_c_x0": (alpha_bar_prev.sqrt() * beta / one_m_ab).tolist(),
             "_c_xt": (alpha.sqrt() * one_m_ab_prev / one_m_ab).tolist(),
@@ -507,16 +509,11 @@ class DDPMScheduler(_DiscreteScheduler):
                 raise ValueError(f"model_output must have {C} channels like sample, got {model_output.shape[1]}")
             self._raise_bad_shape(model_output, sample)
 
-        # 1. x_0 hat from the model output: eq. 15, x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)
+        # 1. x_0 hat from the model output (eq. 15 for epsilon), alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - ...)
         sqrt_ab, sqrt_1m_ab = self._sqrt_ab[i], self._sqrt_1m_ab[i]
-        if cfg.prediction_type == "epsilon":
-            if sqrt_ab == 0.0:  # alpha_bar_t = 0: t = T-1 at zero terminal SNR
-                self._raise_zero_snr_epsilon(int(timestep))
-            pred_original_sample = torch.add(sample, model_output, alpha=-sqrt_1m_ab).mul_(self._inv_sqrt_ab[i])
-        elif cfg.prediction_type == "v_prediction":  # x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v
-            pred_original_sample = torch.add(sample * sqrt_ab, model_output, alpha=-sqrt_1m_ab)
-        else:
-            pred_original_sample = model_output
+        if cfg.prediction_type == "epsilon" and sqrt_ab == 0.0:  # alpha_bar_t = 0: t = T-1 at zero terminal SNR
+            self._raise_zero_snr_epsilon(int(timestep))
+        pred_original_sample = objectives.predicted_x0(model_output, sample, sqrt_ab, sqrt_1m_ab, cfg.prediction_type)
 
         # 2. clip or threshold x_0 hat
         pred_original_sample = self._clip_x0(pred_original_sample, cfg)
@@ -587,15 +584,13 @@ class DDIMScheduler(_DiscreteScheduler):
     def _build_step_tables(self, alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor) -> dict[str, list[float]]:
         """Per step i (alpha_bar at t and t'): the constants of eqs. 12 and 16 as Python floats, by attribute name.
 
-        Each entry depends on its own step only, so alpha_bar_t = 0 (t = T-1 at zero terminal SNR) puts inf in
-        ``_inv_sqrt_ab`` of that step alone (``step`` refuses epsilon there) and NaN/inf in no other step."""
+        Each entry depends on its own step only, so alpha_bar_t = 0 (t = T-1 at zero terminal SNR) reaches that step
+        alone (``step`` refuses epsilon there, where x_0 = x_t / 0) and puts NaN/inf in no other step."""
         one_m_ab, one_m_ab_prev = 1 - alpha_bar_t, 1 - alpha_bar_prev
         sqrt_ab, sqrt_1m_ab = alpha_bar_t.sqrt().tolist(), one_m_ab.sqrt().tolist()
         return {
             "_sqrt_ab": sqrt_ab,
             "_sqrt_1m_ab": sqrt_1m_ab,
-            "_inv_sqrt_ab": [1 / s if s > 0 else math.inf for s in sqrt_ab],
-            "_inv_sqrt_1m_ab": [1 / s if s > 0 else math.inf for s in sqrt_1m_ab],
             "_sqrt_ab_prev": alpha_bar_prev.sqrt().tolist(),
             "_sqrt_1m_ab_prev": one_m_ab_prev.sqrt().tolist(),
             "_1m_ab_prev": one_m_ab_prev.tolist(),
@@ -637,24 +632,18 @@ class DDIMScheduler(_DiscreteScheduler):
             self._raise_bad_shape(model_output, sample)
         sqrt_ab, sqrt_1m_ab = self._sqrt_ab[i], self._sqrt_1m_ab[i]
 
-        # 1. "predicted x_0" and eps of eq. 12: x_0 = (x_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)
-        if cfg.prediction_type == "epsilon":
-            if sqrt_ab == 0.0:  # alpha_bar_t = 0: t = T-1 at zero terminal SNR
-                self._raise_zero_snr_epsilon(int(timestep))
-            pred_epsilon = model_output
-            pred_original_sample = torch.add(sample, model_output, alpha=-sqrt_1m_ab).mul_(self._inv_sqrt_ab[i])
-        elif cfg.prediction_type == "v_prediction":
-            pred_original_sample = torch.add(sample * sqrt_ab, model_output, alpha=-sqrt_1m_ab)
-            pred_epsilon = torch.add(model_output * sqrt_ab, sample, alpha=sqrt_1m_ab)
-        else:
-            pred_original_sample = model_output
-            pred_epsilon = torch.add(sample, model_output, alpha=-sqrt_ab).mul_(self._inv_sqrt_1m_ab[i])
+        # 1. "predicted x_0" and eps of eq. 12 (x_0 = (x_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t) for epsilon)
+        pt = cfg.prediction_type
+        if pt == "epsilon" and sqrt_ab == 0.0:  # alpha_bar_t = 0: t = T-1 at zero terminal SNR
+            self._raise_zero_snr_epsilon(int(timestep))
+        pred_original_sample = objectives.predicted_x0(model_output, sample, sqrt_ab, sqrt_1m_ab, pt)
+        pred_epsilon = objectives.predicted_eps(model_output, sample, sqrt_ab, sqrt_1m_ab, pt)
 
         # 2. clip or threshold x_0 hat; optionally re-derive eps from it
         if cfg.thresholding or cfg.clip_sample:
             pred_original_sample = self._clip_x0(pred_original_sample, cfg)
             if use_clipped_model_output:
-                pred_epsilon = torch.add(sample, pred_original_sample, alpha=-sqrt_ab).mul_(self._inv_sqrt_1m_ab[i])
+                pred_epsilon = objectives.eps_from_x0(sample, pred_original_sample, sqrt_ab, sqrt_1m_ab)
 
         # 3. sigma_t(eta) of eq. 16: eta sqrt((1 - alpha_{t-1}) / (1 - alpha_t)) sqrt(1 - alpha_t / alpha_{t-1})
         std = eta * math.sqrt(self._variance[i])
@@ -710,17 +699,13 @@ class DDIMScheduler(_DiscreteScheduler):
             self._raise_bad_shape(model_output, sample)
         sqrt_ab, sqrt_1m_ab = self._sqrt_ab[i], self._sqrt_1m_ab[i]
         # 1. eps from the model output at level t
-        if pt == "epsilon":
-            pred_epsilon = model_output
-        elif pt == "v_prediction":  # eps = sqrt(alpha_t) v + sqrt(1 - alpha_t) x
-            pred_epsilon = torch.add(model_output * sqrt_ab, sample, alpha=sqrt_1m_ab)
-        else:  # eps = (x - sqrt(alpha_t) x_0) / sqrt(1 - alpha_t)
-            pred_epsilon = torch.add(sample, model_output, alpha=-sqrt_ab).mul_(self._inv_sqrt_1m_ab[i])
+        pred_epsilon = objectives.predicted_eps(model_output, sample, sqrt_ab, sqrt_1m_ab, pt)
         # 2. x_0 consistent with x_{t'} and eps (eq. 12 at t')
-        pred_original_sample = torch.add(sample, pred_epsilon, alpha=-self._sqrt_1m_ab_prev[i])
-        pred_original_sample = pred_original_sample.mul_(1 / self._sqrt_ab_prev[i])
+        pred_original_sample = objectives.x0_from_eps(
+            sample, pred_epsilon, self._sqrt_ab_prev[i], self._sqrt_1m_ab_prev[i]
+        )
         # 3. eq. 12 with sigma = 0, towards the noisier level t
-        next_sample = torch.add(pred_original_sample * sqrt_ab, pred_epsilon, alpha=sqrt_1m_ab)
+        next_sample = objectives.noisy_sample(pred_original_sample, pred_epsilon, sqrt_ab, sqrt_1m_ab)
         if next_sample.dtype != sample.dtype:
             next_sample = next_sample.to(sample.dtype)
         if not return_dict:

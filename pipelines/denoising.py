@@ -1,9 +1,11 @@
 """
-Small functions shared by hfgen's pipelines (installed as ``hfgen.pipelines.denoising``): argument checks, noise
-drawing, one guided denoiser evaluation, x_0 hat for callbacks, VAE decoding and output post-processing.
+What hfgen's pipelines share (installed as ``hfgen.pipelines.denoising``): argument checks, noise drawing, the one
+denoising loop (``denoising_loop``: guided model output, ``scheduler.step``, callback), x_0 hat for callbacks, VAE
+decoding and output post-processing.
 
-Each pipeline's ``__call__`` stays one linear loop (check inputs, prepare noise, ``set_timesteps``, loop: model then
-``scheduler.step``, decode, post-process); these functions are the steps of that loop that are the same everywhere.
+Each pipeline's ``__call__`` reads top to bottom: check inputs, prepare its conditioning, draw noise,
+``denoising_loop``, decode, post-process. Guidance itself is ``hfgen.guidance``; the parameterisation (x_0 hat from
+eps / v / velocity) is ``hfgen.objectives``.
 
 Paper symbols: x_t = ``latents`` / ``sample`` (B, C, H, W), x_0 hat = ``pred_original_sample``,
 s = ``guidance_scale``, alpha_bar_t = ``scheduler.alphas_cumprod[t]``.
@@ -12,6 +14,7 @@ s = ``guidance_scale``, alpha_bar_t = ``scheduler.alphas_cumprod[t]``.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +22,9 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
+
+from hfgen import objectives
+from hfgen.guidance import guidance_enabled, guided_prediction
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -102,6 +108,14 @@ def keeps_variance(scheduler) -> bool:
     return scheduler.config.get("variance_type", None) in ("learned", "learned_range")
 
 
+def is_flow_matching(scheduler) -> bool:
+    """Whether ``scheduler`` integrates a flow velocity u = eps - x_0 (diffusers' ``FlowMatch*`` schedulers, or any
+    with ``prediction_type="flow_prediction"``), fed to the denoiser at timestep sigma * num_train_timesteps."""
+    return type(scheduler).__name__.startswith("FlowMatch") or (
+        scheduler.config.get("prediction_type", None) == "flow_prediction"
+    )
+
+
 def step_kwargs(scheduler, generator, eta: float) -> dict[str, Any]:
     """
     ``eta`` and ``generator`` for schedulers whose ``step`` accepts them (as diffusers does), and
@@ -134,9 +148,10 @@ def guided_model_output(
     """
     One denoiser evaluation at x_t with classifier-free guidance: (model output for ``scheduler.step``, RIN latents).
 
-    Under guidance (s > 1) the denoiser sees [x_t; x_t] with ``conditioning`` already stacked as [cond; uncond], and
-    eps_hat = eps_u + s (eps_c - eps_u) over all channels of the prediction; a learned variance half stays
-    conditional and is passed on only when ``keep_variance``.
+    Under guidance (``hfgen.guidance.guidance_enabled``) the denoiser sees [x_t; x_t] with ``conditioning`` already
+    stacked as [cond; uncond] (``hfgen.guidance.stack_conditions``) and the output is combined by
+    ``hfgen.guidance.guided_prediction``. The input goes through ``scheduler.scale_model_input`` where the scheduler
+    has one (the flow-matching schedulers do not).
 
     :param latents: x_t (B, C, H, W).
     :param guidance_scale: s >= 1; 1 = one pass on the conditional inputs.
@@ -148,11 +163,13 @@ def guided_model_output(
     :return: model output (B, C or 2C, H, W) and the latents to carry to the next step.
     """
     C = latents.shape[1]
-    do_cfg = guidance_scale > 1.0
+    do_cfg = guidance_enabled(guidance_scale)
 
     # 1. one forward pass (RIN carries its latents from step to step)
     model_input = torch.cat([latents] * 2) if do_cfg else latents  # (2B or B, C, H, W)
-    model_input = scheduler.scale_model_input(model_input, t)
+    scale_model_input = getattr(scheduler, "scale_model_input", None)
+    if scale_model_input is not None:
+        model_input = scale_model_input(model_input, t)
     self_conditioning = getattr(denoiser, "self_conditioning", False)
     kwargs = {"prev_latents": prev_latents} if self_conditioning else {}
     out = denoiser(model_input.to(denoiser.dtype), t, **conditioning, **kwargs)
@@ -163,39 +180,31 @@ def guided_model_output(
             f"the denoiser returned {model_output.shape[1]} channels; expected {C} or {2 * C} (learned sigma)"
         )
 
-    # 2. guidance on the prediction over all its channels: eps = eps_u + s (eps_c - eps_u);
-    #    a learned variance half stays conditional
-    pred, var = model_output[:, :C], model_output[:, C:]
+    # 2. guidance over all channels of the prediction; the variance half only where the scheduler reads it
     if do_cfg:
-        pred_cond, pred_uncond = pred.chunk(2)
-        pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)  # (B, C, H, W)
-        var = var.chunk(2)[0]
-    if var.shape[1] and keep_variance:
-        return torch.cat([pred, var], dim=1), new_prev_latents  # (B, 2C, H, W)
-    return pred, new_prev_latents
+        model_output = guided_prediction(model_output, C, guidance_scale)  # (B, C or 2C, H, W)
+    return (model_output if keep_variance else model_output[:, :C]), new_prev_latents
 
 
 def pred_original_sample(scheduler, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     """
-    x_0 hat from the model output at x_t (B, C, H, W), for schedulers whose step does not return it (DDPM eq. 4
-    inverted with ``scheduler.alphas_cumprod`` and ``config.prediction_type``).
+    x_0 hat from the model output at x_t (B, C, H, W), for schedulers whose step does not return it: from the flow
+    velocity at sigma = t / num_train_timesteps, or from ``scheduler.alphas_cumprod`` and ``config.prediction_type``
+    (``hfgen.objectives.predicted_x0``).
     """
+    pred = model_output[:, : sample.shape[1]]
+    if is_flow_matching(scheduler):
+        sigma = float(t) / scheduler.config.num_train_timesteps
+        return objectives.x0_from_velocity(sample, pred, sigma)
     alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
     if alphas_cumprod is None:
         raise ValueError(
             f"{type(scheduler).__name__} returns no pred_original_sample and has no alphas_cumprod; "
             "drop 'pred_original_sample' from callback_on_step_end_tensor_inputs"
         )
-    C = sample.shape[1]
-    pred = model_output[:, :C]
-    a = alphas_cumprod[int(t)].to(sample.device, torch.float32)
+    alpha_bar = float(alphas_cumprod[int(t)])
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    if prediction_type == "epsilon":
-        x0 = (sample - (1 - a).sqrt() * pred) / a.sqrt()
-    elif prediction_type == "v_prediction":
-        x0 = a.sqrt() * sample - (1 - a).sqrt() * pred
-    else:
-        x0 = pred
+    x0 = objectives.predicted_x0(pred, sample, alpha_bar**0.5, (1 - alpha_bar) ** 0.5, prediction_type)
     return x0.to(sample.dtype)
 
 
@@ -205,6 +214,60 @@ def step_pred_original_sample(
     """x_0 hat of one step: the scheduler's ``step_output.pred_original_sample``, else ``pred_original_sample``."""
     x0 = getattr(step_output, "pred_original_sample", None)
     return x0 if x0 is not None else pred_original_sample(scheduler, model_output, t, sample)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The denoising loop of every pipeline
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def denoising_loop(
+    pipe,
+    latents: torch.Tensor,
+    num_inference_steps: int,
+    guidance_scale: float,
+    conditioning: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    generator=None,
+    eta: float = 0.0,
+    callback_on_step_end: Callable | None = None,
+    callback_on_step_end_tensor_inputs: list[str] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """
+    Sample x_0 from the noise x_T with ``pipe.denoiser`` and ``pipe.scheduler``: set the schedule, then per step one
+    guided model output (``guided_model_output``), ``scheduler.step`` and the callback. Returns x_0 (B, C, H, W).
+
+    :param latents: x_T (B, C, H, W), unscaled (multiplied by the scheduler's ``init_noise_sigma`` here).
+    :param conditioning: ``tensors`` -> the denoiser's keyword inputs for one pass ([cond; uncond] under guidance),
+        called every step, so a callback that replaces a tensor (e.g. "prompt_embeds") changes the next step.
+    :param tensors: the pipeline's tensors a callback may read and replace, besides "latents" and
+        "pred_original_sample" (x_0 hat of the step); a returned dict replaces those of its keys that are known.
+    """
+    scheduler, names = pipe.scheduler, callback_on_step_end_tensor_inputs or []
+    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    timesteps = scheduler.timesteps
+    pipe._num_timesteps = len(timesteps)
+    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # sigma_max for Euler-type schedulers
+    extra_step_kwargs = step_kwargs(scheduler, generator, eta)
+    keep_variance = keeps_variance(scheduler)
+    tensors = dict(tensors or {})
+
+    prev_latents = None
+    for i, t in enumerate(pipe.progress_bar(timesteps)):
+        model_output, prev_latents = guided_model_output(
+            pipe.denoiser, scheduler, latents, t, guidance_scale, keep_variance, prev_latents, **conditioning(tensors)
+        )
+        step = scheduler.step(model_output, t, latents, **extra_step_kwargs)
+        if callback_on_step_end is not None:
+            tensors["latents"] = step.prev_sample
+            if "pred_original_sample" in names:
+                tensors["pred_original_sample"] = step_pred_original_sample(scheduler, step, model_output, t, latents)
+            outputs = callback_on_step_end(pipe, i, t, {k: tensors[k] for k in names}) or {}
+            tensors.update({k: v for k, v in outputs.items() if k in tensors})
+            latents = tensors["latents"]
+        else:
+            latents = step.prev_sample
+    return latents
 
 
 # ----------------------------------------------------------------------------------------------------------------------

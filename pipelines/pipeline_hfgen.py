@@ -14,8 +14,15 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
 
+from hfgen.guidance import (
+    CLASS_GUIDANCE_SCALE,
+    check_guidance_scale,
+    guidance_enabled,
+    null_class_labels,
+    stack_conditions,
+)
 from hfgen.schedulers import DDIMScheduler as HFGenDDIMScheduler
 
 from .denoising import (
@@ -24,14 +31,13 @@ from .denoising import (
     check_num_inference_steps,
     check_output_type,
     decode_latents,
+    denoising_loop,
     draw_noise,
     guided_model_output,
     image_output,
-    keeps_variance,
+    is_flow_matching,
     postprocess_images,
     pred_original_sample,
-    step_kwargs,
-    step_pred_original_sample,
     vae_scale_factor,
 )
 from .hub import HFGenHubMixin
@@ -41,10 +47,13 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
     """
     :param denoiser: an hfgen denoiser; reads ``config.in_channels``, ``sample_size``, ``num_classes``.
         Its output has ``in_channels`` channels, or ``2 * in_channels`` (DiT ``learn_sigma``: prediction, variance).
-    :param scheduler: an hfgen or diffusers scheduler (``set_timesteps``, ``step``, ``scale_model_input``).
+    :param scheduler: an hfgen or diffusers scheduler (``set_timesteps``, ``step``, and ``scale_model_input`` where
+        it has one): DDPM / DDIM / any diffusers diffusion scheduler for a diffusion denoiser,
+        ``FlowMatchEulerDiscreteScheduler`` / ``FlowMatchHeunDiscreteScheduler`` for a flow-matching one.
     :param vae: optional autoencoder; then the denoiser works on latents z = vae latents * ``scaling_factor``.
     """
 
+    default_guidance_scale = CLASS_GUIDANCE_SCALE  # with class_labels (hfgen.guidance); 1 without
     model_cpu_offload_seq = "denoiser->vae"
     _optional_components = ["vae"]
     _callback_tensor_inputs = ["latents", "pred_original_sample"]
@@ -66,7 +75,7 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
+        return guidance_enabled(self._guidance_scale)
 
     @property
     def num_timesteps(self) -> int:
@@ -109,10 +118,9 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
 
         labels = self._check_class_labels(class_labels, batch_size)
         if guidance_scale is None:
-            guidance_scale = 4.0 if labels is not None else 1.0
-        if guidance_scale < 1.0:
-            raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
-        if guidance_scale > 1.0 and labels is None:
+            guidance_scale = self.default_guidance_scale if labels is not None else 1.0
+        check_guidance_scale(guidance_scale)
+        if guidance_enabled(guidance_scale) and labels is None:
             raise ValueError(
                 f"guidance_scale={guidance_scale} needs class_labels and a class-conditional denoiser "
                 f"(config.num_classes={self.denoiser.config.num_classes}); use guidance_scale=1 without labels"
@@ -143,44 +151,21 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
             )
         return labels.long()
 
-    def _model_output(
-        self,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        labels: torch.Tensor | None,
-        guidance_scale: float,
-        prev_latents: torch.Tensor | None,
-        keep_variance: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """
-        One denoiser evaluation at x_t with classifier-free guidance: (model output for ``scheduler.step``, RIN latents).
-
-        :param latents: x_t (B, C, H, W).
-        :param labels: (B,) class labels or None (a class-conditional denoiser then gets the null label).
-        :param prev_latents: RIN's latents of the previous step ((2B, N, D) under guidance), or None.
-        :param keep_variance: pass the variance half of a learned-sigma output on (scheduler variance_type learned).
-        """
-        B = latents.shape[0]
-        cfg = self.denoiser.config
-
-        # labels: [cond; null] under guidance, the null label for unconditional sampling of a conditional model
-        if labels is None and cfg.num_classes is not None:
-            labels = torch.full((B,), cfg.num_classes, dtype=torch.long)
-        if guidance_scale > 1.0:
-            labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])  # (2B,)
-        return guided_model_output(
-            self.denoiser,
-            self.scheduler,
-            latents,
-            t,
-            guidance_scale,
-            keep_variance,
-            prev_latents,
-            class_labels=None if labels is None else labels.to(latents.device),
-        )
+    def _conditioning(self, labels: torch.Tensor | None, batch_size: int, guidance_scale: float, device) -> dict:
+        """The denoiser's label input for one pass: [cond; null] (2B,) under guidance, the null label for unconditional
+        sampling of a class-conditional denoiser, nothing for an unconditional one."""
+        num_classes = self.denoiser.config.num_classes
+        if num_classes is None:
+            return {}
+        if labels is None:
+            labels = null_class_labels(batch_size, num_classes)
+        cond = {"class_labels": labels.to(device)}
+        if guidance_enabled(guidance_scale):
+            cond = stack_conditions(cond, {"class_labels": null_class_labels(batch_size, num_classes, device)})
+        return cond
 
     def _pred_original_sample(self, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """x_0 hat from the model output at x_t for schedulers whose step does not return it (DDPM eq. 4 inverted)."""
+        """x_0 hat from the model output at x_t for schedulers whose step does not return it."""
         return pred_original_sample(self.scheduler, model_output, t, sample)
 
     # --- sampling -------------------------------------------------------------------------------------------------
@@ -206,8 +191,9 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
         :param generator: one generator, or one per image (image i then depends on generator i only).
         :param latents: the starting noise x_T (B, C, H, W), unscaled; drawn from ``generator`` when None.
         :param class_labels: one int or one per image, for a class-conditional denoiser.
-        :param guidance_scale: classifier-free guidance s >= 1; 1 = one conditional pass. Default: 4.0 when
-            ``class_labels`` are given, else 1.0.
+        :param guidance_scale: classifier-free guidance s >= 1; 1 = one conditional pass. Default:
+            ``default_guidance_scale`` (3.0, ``hfgen.guidance.CLASS_GUIDANCE_SCALE``) when ``class_labels`` are given,
+            else 1.0.
         :param eta: DDIM noise (passed only to schedulers whose ``step`` takes it).
         :param output_type: "pil", "np" ((B, H, W, C) in [0, 1]), "pt" ((B, C, H, W) in [0, 1]) or "latent" (x_0 as
             the denoiser sees it: VAE latents times scaling_factor, or the [-1, 1] image without a VAE).
@@ -234,34 +220,21 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
             latents = draw_noise((batch_size, *self.latent_shape), generator)
         latents = latents.to(device=device, dtype=torch.float32)
 
-        # 3. timesteps; schedulers that scale x (Euler) start from sigma_max
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        latents = latents * self.scheduler.init_noise_sigma
-        extra_step_kwargs = step_kwargs(self.scheduler, generator, eta)
-        keep_variance = keeps_variance(self.scheduler)
+        # 3. the label input of each step, then the denoising loop (model, guidance, scheduler.step, callback)
+        cond = self._conditioning(labels, batch_size, guidance_scale, device)
+        latents = denoising_loop(
+            self,
+            latents,
+            num_inference_steps,
+            guidance_scale,
+            lambda _: cond,
+            generator,
+            eta,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
 
-        # 4. denoising loop: model, then scheduler.step
-        prev_latents = None
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            model_output, prev_latents = self._model_output(
-                latents, t, labels, guidance_scale, prev_latents, keep_variance
-            )
-            step = self.scheduler.step(model_output, t, latents, **extra_step_kwargs)
-            if callback_on_step_end is not None:
-                callback_kwargs = {"latents": step.prev_sample}
-                if "pred_original_sample" in callback_on_step_end_tensor_inputs:
-                    callback_kwargs["pred_original_sample"] = step_pred_original_sample(
-                        self.scheduler, step, model_output, t, latents
-                    )
-                callback_kwargs = {k: callback_kwargs[k] for k in callback_on_step_end_tensor_inputs}
-                outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                latents = outputs.get("latents", step.prev_sample)
-            else:
-                latents = step.prev_sample
-
-        # 5. decode latents to images in [-1, 1], post-process to [0, 1] and the requested type
+        # 4. decode latents to images in [-1, 1], post-process to [0, 1] and the requested type
         images = latents
         if output_type != "latent":
             images = postprocess_images(decode_latents(self.vae, latents), output_type)
@@ -281,11 +254,12 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
     ) -> torch.Tensor:
         """
         DDIM inversion: the noise x_T (B, C, H, W) that ``self(latents=x_T, num_inference_steps=...)`` with a DDIM
-        scheduler (eta = 0, clip_sample off) maps back to ``images``.
+        scheduler (eta = 0, clip_sample off), or with a flow-matching Euler scheduler, maps back to ``images``.
 
-        Uses the pipeline's scheduler when it is hfgen's DDIMScheduler, else an hfgen DDIMScheduler built from its
-        config. Inversion is exact only up to the change of the model output between neighbouring steps: more steps,
-        smaller error.
+        Diffusion: the pipeline's scheduler when it is hfgen's DDIMScheduler, else an hfgen DDIMScheduler built from
+        its config. Flow matching (a ``FlowMatch*`` scheduler): the Euler ODE run backwards on the sigmas of a
+        ``FlowMatchEulerDiscreteScheduler`` with the scheduler's config. Inversion is exact only up to the change of
+        the model output between neighbouring steps: more steps, smaller error.
 
         :param images: (B, C, H, W) tensor in [-1, 1], PIL image(s), or (B, H, W, C) array in [0, 1].
         """
@@ -306,17 +280,44 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
                 f"images are {self.image_size}x{self.image_size}"
             )
 
-        # 2. the DDIM schedule, walked from data to noise with invert_step
+        # 2. the sampler's schedule walked from data to noise: DDIM's invert_step, or the flow ODE's Euler steps
+        cond = self._conditioning(labels, batch_size, guidance_scale, device)
+        invert = self._invert_flow if is_flow_matching(self.scheduler) else self._invert_ddim
+        x = invert(x, num_inference_steps, guidance_scale, cond)
+        self.maybe_free_model_hooks()
+        return x
+
+    def _invert_ddim(self, x: torch.Tensor, num_inference_steps: int, guidance_scale: float, cond: dict):
+        """x_0 -> x_T along DDIM's schedule (``DDIMScheduler.invert_step``)."""
         scheduler = self.scheduler
         if not isinstance(scheduler, HFGenDDIMScheduler):
             scheduler = HFGenDDIMScheduler.from_config(scheduler.config)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        keep_variance = False  # invert_step takes the prediction only
+        scheduler.set_timesteps(num_inference_steps, device=x.device)
         prev_latents = None
         for t in self.progress_bar(scheduler.inversion_timesteps):
-            model_output, prev_latents = self._model_output(x, t, labels, guidance_scale, prev_latents, keep_variance)
+            model_output, prev_latents = guided_model_output(
+                self.denoiser, scheduler, x, t, guidance_scale, False, prev_latents, **cond
+            )  # invert_step takes the prediction only
             x = scheduler.invert_step(model_output, t, x).next_sample
-        self.maybe_free_model_hooks()
+        return x
+
+    def _invert_flow(self, x: torch.Tensor, num_inference_steps: int, guidance_scale: float, cond: dict):
+        """x_0 -> x_1 along the flow ODE dx/dsigma = u, Euler steps up the sampler's sigmas (0 -> sigma_max), the
+        velocity read at the level each step goes to (as DDIM inversion reads eps), so that the Euler sampler with
+        the same steps maps the result back to x_0 up to the change of u between neighbouring steps."""
+        scheduler = self.scheduler
+        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=x.device)
+        sigmas = scheduler.sigmas.flip(0).tolist()  # increasing: 0 (data), ..., sigma_max
+        T = scheduler.config.num_train_timesteps
+        prev_latents = None
+        for sigma, sigma_next in self.progress_bar(list(zip(sigmas[:-1], sigmas[1:]))):
+            t = torch.tensor(sigma_next * T, device=x.device)
+            u, prev_latents = guided_model_output(
+                self.denoiser, scheduler, x, t, guidance_scale, False, prev_latents, **cond
+            )
+            x = x + (sigma_next - sigma) * u
         return x
 
     def _images_to_tensor(self, images) -> torch.Tensor:
@@ -349,7 +350,7 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
     def _card_usage(self, repo_id: str) -> str:
         call = "pipe(batch_size=4, num_inference_steps=50"
         if self.denoiser.config.num_classes is not None:
-            call += ", class_labels=[0, 1, 2, 3], guidance_scale=4.0"
+            call += f", class_labels=[0, 1, 2, 3], guidance_scale={self.default_guidance_scale}"
         return (
             "from hfgen import HFGenPipeline\n\n"
             f'pipe = HFGenPipeline.from_pretrained("{repo_id}")\n'

@@ -18,19 +18,17 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from hfgen.clip import tokenize
+from hfgen.guidance import NULL_CAPTION, TEXT_GUIDANCE_SCALE, check_guidance_scale, guidance_enabled, stack_conditions
 
 from .denoising import (
     check_callback_tensor_inputs,
     check_num_inference_steps,
     check_output_type,
     decode_latents,
+    denoising_loop,
     draw_noise,
-    guided_model_output,
     image_output,
-    keeps_variance,
     postprocess_images,
-    step_kwargs,
-    step_pred_original_sample,
     vae_scale_factor,
 )
 from .hub import HFGenHubMixin
@@ -58,13 +56,15 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
     :param denoiser: an hfgen denoiser with ``config.cross_attention_dim`` equal to the text encoder's hidden size;
         reads ``config.in_channels``, ``sample_size`` and ``downsample_factor``. Its output has ``in_channels``
         channels, or ``2 * in_channels`` (DiT ``learn_sigma``: prediction, variance).
-    :param scheduler: an hfgen or diffusers scheduler (``set_timesteps``, ``step``, ``scale_model_input``).
+    :param scheduler: an hfgen or diffusers scheduler (``set_timesteps``, ``step``, and ``scale_model_input`` where
+        it has one), diffusion or flow matching (``FlowMatchEulerDiscreteScheduler``, ``FlowMatchHeunDiscreteScheduler``).
     :param text_encoder: a transformers ``CLIPTextModel`` or ``CLIPTextModelWithProjection``; its
         ``last_hidden_state`` (B, L, D) is the denoiser's ``encoder_hidden_states``.
     :param tokenizer: the text encoder's ``CLIPTokenizer``; its attention mask is the ``encoder_attention_mask``.
     :param vae: optional autoencoder; then the denoiser works on latents z = vae latents * ``scaling_factor``.
     """
 
+    default_guidance_scale = TEXT_GUIDANCE_SCALE  # hfgen.guidance
     model_cpu_offload_seq = "text_encoder->denoiser->vae"
     _optional_components: ClassVar[list[str]] = ["vae"]
     _callback_tensor_inputs: ClassVar[list[str]] = [
@@ -99,7 +99,7 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
+        return guidance_enabled(self._guidance_scale)
 
     @property
     def num_timesteps(self) -> int:
@@ -158,7 +158,7 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
 
         # 2. the unconditional / negative prompt, padded to the prompt's length
         if do_classifier_free_guidance and negative_prompt_embeds is None:
-            negatives = [""] * B if negative_prompt is None else negative_prompt
+            negatives = [NULL_CAPTION] * B if negative_prompt is None else negative_prompt
             negatives = [negatives] * B if isinstance(negatives, str) else list(negatives)
             negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(negatives, device, L)
         if not do_classifier_free_guidance:
@@ -241,8 +241,7 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
         check_num_inference_steps(num_inference_steps)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
-        if guidance_scale < 1.0:
-            raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
+        check_guidance_scale(guidance_scale)
         f = self.denoiser.downsample_factor * self.vae_scale_factor
         if height % f or width % f or height < f or width < f:
             raise ValueError(
@@ -281,7 +280,7 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -306,7 +305,8 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
             ``negative_prompt_attention_mask`` (B, L); without them the unconditional input is "" padded to L.
         :param height: image height in pixels; default: the denoiser's sample_size times the VAE factor. Must be a
             multiple of the denoiser's downsample_factor times the VAE factor (RIN: exactly its sample_size).
-        :param guidance_scale: classifier-free guidance s >= 1; 1 = one conditional pass per step.
+        :param guidance_scale: classifier-free guidance s >= 1; 1 = one conditional pass per step. Default:
+            ``default_guidance_scale`` (5.0, ``hfgen.guidance.TEXT_GUIDANCE_SCALE``).
         :param generator: one generator, or one per image (image i then depends on generator i only).
         :param latents: the starting noise x_T (B * num_images_per_prompt, C, H, W), unscaled.
         :param eta: DDIM noise (passed only to schedulers whose ``step`` takes it).
@@ -321,6 +321,7 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
         default_size = self.denoiser.config.sample_size * self.vae_scale_factor
         height = default_size if height is None else height
         width = default_size if width is None else width
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         batch_size = self.check_inputs(
             prompt,
             height,
@@ -356,11 +357,6 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
                 negative_prompt_attention_mask,
             )
         )
-        encoder_attention_mask = (
-            torch.cat([prompt_attention_mask, negative_prompt_attention_mask])  # (2B*n, L): [cond; uncond]
-            if self.do_classifier_free_guidance
-            else prompt_attention_mask  # (B*n, L)
-        )
 
         # 3. noise x_T: drawn on the generator's device (CPU by default) in float32, one draw per generator
         C = self.denoiser.config.in_channels
@@ -369,50 +365,33 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
             latents = draw_noise(shape, generator)
         latents = latents.to(device=device, dtype=torch.float32)
 
-        # 4. timesteps; schedulers that scale x (Euler) start from sigma_max
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        latents = latents * self.scheduler.init_noise_sigma
-        extra_step_kwargs = step_kwargs(self.scheduler, generator, eta)
-        keep_variance = keeps_variance(self.scheduler)
-
-        # 5. denoising loop: model (one pass on [cond; uncond] under guidance), guidance, scheduler.step
-        prev_latents = None
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            do_cfg = self.do_classifier_free_guidance
-            text = torch.cat([prompt_embeds, negative_prompt_embeds]) if do_cfg else prompt_embeds  # (2B or B, L, D)
-            model_output, prev_latents = guided_model_output(
-                self.denoiser,
-                self.scheduler,
-                latents,
-                t,
-                self.guidance_scale,
-                keep_variance,
-                prev_latents,
-                encoder_hidden_states=text.to(self.denoiser.dtype),
-                encoder_attention_mask=encoder_attention_mask,
-            )
-            step = self.scheduler.step(model_output, t, latents, **extra_step_kwargs)
-            if callback_on_step_end is not None:
-                tensors = {
-                    "latents": step.prev_sample,
-                    "prompt_embeds": prompt_embeds,
-                    "negative_prompt_embeds": negative_prompt_embeds,
+        # 4. the denoising loop (model, guidance, scheduler.step, callback); the text input is rebuilt each step from
+        #    the embeddings a callback may have replaced
+        def conditioning(tensors: dict) -> dict:
+            cond = {"encoder_hidden_states": tensors["prompt_embeds"], "encoder_attention_mask": prompt_attention_mask}
+            if self.do_classifier_free_guidance:
+                uncond = {
+                    "encoder_hidden_states": tensors["negative_prompt_embeds"],
+                    "encoder_attention_mask": negative_prompt_attention_mask,
                 }
-                if "pred_original_sample" in callback_on_step_end_tensor_inputs:
-                    tensors["pred_original_sample"] = step_pred_original_sample(
-                        self.scheduler, step, model_output, t, latents
-                    )
-                callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-                outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                latents = outputs.get("latents", step.prev_sample)
-                prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
-                negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
-            else:
-                latents = step.prev_sample
+                cond = stack_conditions(cond, uncond)  # (2B*n, L, D), (2B*n, L): [cond; uncond]
+            cond["encoder_hidden_states"] = cond["encoder_hidden_states"].to(self.denoiser.dtype)
+            return cond
 
-        # 6. decode latents to images in [-1, 1], post-process to [0, 1] and the requested type
+        latents = denoising_loop(
+            self,
+            latents,
+            num_inference_steps,
+            self.guidance_scale,
+            conditioning,
+            generator,
+            eta,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            tensors={"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds},
+        )
+
+        # 5. decode latents to images in [-1, 1], post-process to [0, 1] and the requested type
         images = latents
         if output_type != "latent":
             images = postprocess_images(decode_latents(self.vae, latents), output_type)
@@ -432,7 +411,8 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
         return (
             "from hfgen import HFGenTextToImagePipeline\n\n"
             f'pipe = HFGenTextToImagePipeline.from_pretrained("{repo_id}")\n'
-            'images = pipe(["a red circle", "a blue square"], num_inference_steps=50, guidance_scale=5.0).images'
+            f'images = pipe(["a red circle", "a blue square"], num_inference_steps=50, '
+            f"guidance_scale={self.default_guidance_scale}).images"
         )
 
     def _card_samples(self, num_images: int) -> list[PIL.Image.Image]:

@@ -14,6 +14,7 @@ from tolerances import assert_close_float32
 from hfgen import UNET_PRESETS, HFGenPipeline, UNetModel
 from hfgen.autoencoder import AUTOENCODER_PRESETS, AutoencoderModel
 from hfgen.dit import DIT_PRESETS, DiTModel
+from hfgen.guidance import CLASS_GUIDANCE_SCALE
 from hfgen.rin import RIN_PRESETS, RINModel
 from hfgen.schedulers import DDIMScheduler, DDPMScheduler
 
@@ -106,7 +107,7 @@ def test_generator_list_image_i_depends_on_generator_i_only(pipe):
 
 def test_properties(cond_pipe):
     cond_pipe(batch_size=2, num_inference_steps=STEPS, class_labels=[0, 2], generator=gen(), output_type="pt")
-    assert cond_pipe.guidance_scale == 4.0 and cond_pipe.do_classifier_free_guidance
+    assert cond_pipe.guidance_scale == CLASS_GUIDANCE_SCALE == 3.0 and cond_pipe.do_classifier_free_guidance
     assert cond_pipe.num_timesteps == STEPS
 
 
