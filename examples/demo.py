@@ -22,6 +22,7 @@ import torch
 from diffusers.utils import make_image_grid
 
 from hfgen import HFGenTextToImagePipeline
+from hfgen.guidance import TEXT_GUIDANCE_SCALE
 from hfgen.metrics import shape_color_accuracy
 from hfgen.training import train_clip, train_diffusion
 
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--diffusion_steps", type=int, default=1200, help="denoiser training steps")
     p.add_argument("--model_config", default=None, help="a UNET_PRESETS name or a JSON config (default: DEMO_UNET)")
     p.add_argument("--images_per_prompt", type=int, default=6)
-    p.add_argument("--guidance_scale", type=float, default=3.0)
+    p.add_argument("--guidance_scale", type=float, default=TEXT_GUIDANCE_SCALE, help="the pipeline's default")
     p.add_argument("--num_inference_steps", type=int, default=25)
     p.add_argument("--quick", action="store_true", help="tiny settings, for the test suite")
     args = p.parse_args(argv)
@@ -129,7 +130,7 @@ def main(args: argparse.Namespace) -> dict:
     print(
         f'  from hfgen import HFGenTextToImagePipeline; pipe = HFGenTextToImagePipeline.from_pretrained("{pipe_dir}")'
     )
-    print('  pipe("a blue circle", guidance_scale=3.0).images[0].save("blue_circle.png")')
+    print('  pipe("a blue circle").images[0].save("blue_circle.png")  # guidance_scale: the pipeline default')
     return report
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import PIL.Image
 import torch
 from accelerate.logging import get_logger
+from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from hfgen.data import load_image_dataset, load_mnist_npz, make_shapes_dataset
 from hfgen.loading import load_ema_state, save_ema_state
@@ -249,6 +250,14 @@ class GlobalBatchDraws:
     def randint(self, high: int) -> torch.Tensor:
         """Integers in [0, high) (b,) on the device."""
         return torch.randint(0, high, (self.global_batch,), generator=self.generator)[self.rows].to(self.device)
+
+    def timestep_density(self, weighting_scheme: str, logit_mean: float, logit_std: float, mode_scale: float):
+        """u in [0, 1] (b,) on the device from diffusers' SD3 timestep density (``compute_density_for_timestep_sampling``:
+        logit-normal, mode or uniform by ``weighting_scheme``), e.g. the noise level sigma of flow matching."""
+        u = compute_density_for_timestep_sampling(
+            weighting_scheme, self.global_batch, logit_mean, logit_std, mode_scale, generator=self.generator
+        )
+        return u[self.rows].to(self.device)
 
 
 def finite_on_all_ranks(accelerator, *tensors: torch.Tensor) -> bool:

@@ -120,6 +120,17 @@ DIFFUSION = Script(
     train_diffusion, [*DIFFUSION_TINY, "--snr_gamma", "5"], ("denoiser/diffusion_pytorch_model.safetensors",)
 )
 ALL_SCRIPTS = {**SCRIPTS, "diffusion": DIFFUSION}
+# flow matching on RIN: logit-normal sigma draws, self-conditioning and label dropout, all keyed by the global batch
+FLOW = Script(
+    train_diffusion,
+    [
+        *DIFFUSION_TINY,
+        *"--objective flow_matching --model rin --model_config RIN-tiny --conditioning class".split(),
+        *"--self_cond_prob 0.5 --cond_dropout 0.5".split(),
+    ],
+    DIFFUSION.weight_files,
+)
+TWO_PROCESS_RUNS = {**ALL_SCRIPTS, "diffusion-flow": FLOW}
 
 
 def launch_two_processes(script: Script, argv: list[str], out: Path, port: int, nan_at: str | None = None):
@@ -152,7 +163,7 @@ def assert_ranks_identical(out: Path, step: int, with_buffers: bool) -> None:
             assert torch.isfinite(value).all(), k
 
 
-@pytest.mark.parametrize("name", sorted(ALL_SCRIPTS))
+@pytest.mark.parametrize("name", sorted(TWO_PROCESS_RUNS))
 def test_two_processes_stay_in_step_and_match_one_process_with_double_batch(tmp_path, name):
     """2 processes x batch 4 for 3 steps: both ranks hold identical weights; the saved output equals that of
     1 process x batch 8 (draws keyed by the global batch, CLIP's loss over the gathered global batch, the GAN with
@@ -161,12 +172,12 @@ def test_two_processes_stay_in_step_and_match_one_process_with_double_batch(tmp_
     rounding, ~1e-7 of the summands); Adam divides a gradient by sqrt(v) + eps (1e-8 or larger), so a gradient that
     is nothing but rounding (<= ~1e-10) moves a weight by at most lr * 1e-10 / 1e-8 ~ 1e-5 a step, 3 steps < 1e-4.
     The bugs this guards against differ by 1e-3 to 1 (an unsynchronised rank, CLIP's per-shard contrast)."""
-    script = ALL_SCRIPTS[name]
+    script = TWO_PROCESS_RUNS[name]
     extra = ["--sync_batchnorm"] if name == "gan" else []
     steps = ["--max_train_steps", "3", "--checkpointing_steps", "3", *extra]
     two = tmp_path / "two"
     result = launch_two_processes(script, [*script.args, *steps, "--train_batch_size", "4"], two,
-                                  29540 + sorted(ALL_SCRIPTS).index(name))  # fmt: skip
+                                  29530 + sorted(TWO_PROCESS_RUNS).index(name))  # fmt: skip
     assert_ranks_identical(two, 3, with_buffers=True)
     assert "saved" in result.stderr and "checkpoint-3" in result.stderr  # the scripts' logger.info lines print
 
@@ -174,7 +185,7 @@ def test_two_processes_stay_in_step_and_match_one_process_with_double_batch(tmp_
     ckpt = two / "checkpoint-3"
     assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
     assert not list(two.glob(".tmp-checkpoint-*")) and not list(two.glob(".deleting-*"))
-    if name != "diffusion":
+    if not name.startswith("diffusion"):
         assert (ckpt / "ema_state.safetensors").exists()
         report_file = {"clip": "zero_shot.json"}.get(name, "train_report.json")
         assert json.loads((two / report_file).read_text())["steps"] == 3

@@ -3,6 +3,13 @@
     accelerate launch training/train_diffusion.py --model unet --output_dir out          # shapes, unconditional
     accelerate launch training/train_diffusion.py --model dit --conditioning class --output_dir out
     python -m hfgen.training.train_diffusion --model rin --mnist_npz ../shared/data/mnist10k.npz --output_dir out
+    accelerate launch training/train_diffusion.py --model dit --objective flow_matching --output_dir out
+
+Objectives: ``diffusion`` (DDPM noising; ``--prediction_type`` epsilon / v_prediction / sample, optional min-SNR
+weights; samples with hfgen's DDIMScheduler) or ``flow_matching`` (rectified flow x_t = (1 - sigma) x_0 + sigma eps,
+target u = eps - x_0, sigma from diffusers' SD3 timestep density, the denoiser fed t = sigma * T; samples with
+diffusers' FlowMatchEulerDiscreteScheduler). The formulas are ``hfgen.objectives``; condition dropout is
+``hfgen.guidance``.
 
 Data: the built-in shapes set by default, or ``--dataset_name`` (Hub), ``--train_data_dir`` (imagefolder) or
 ``--mnist_npz`` (first 8000 digits). Conditioning: none, class labels (label dropout to the null label for CFG) or
@@ -29,13 +36,16 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 import hfgen
+from hfgen import objectives
 from hfgen.clip import tokenize
 from hfgen.data import image_transform
+from hfgen.guidance import drop_captions, drop_class_labels
 from hfgen.pipelines.hub import image_grid
 from hfgen.schedulers import BETA_SCHEDULES, PREDICTION_TYPES, DDIMScheduler, DDPMScheduler
 from hfgen.training_utils import (
@@ -243,17 +253,47 @@ def encode_latents(vae, dataset, transform, random_flip: bool, device, batch_siz
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str):
-    """Min-SNR-gamma loss weights (Hang et al. 2023) for a loss on eps, v or x0: min(SNR, gamma) / SNR, / (SNR + 1)
-    or 1 times min(SNR, gamma)."""
-    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = alpha_bar / (1 - alpha_bar)
-    clipped = snr.clamp(max=gamma)
-    if prediction_type == "epsilon":
-        return clipped / snr
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped
+OBJECTIVES = ("diffusion", "flow_matching")
+
+
+def draw_noise_levels(args, draws: GlobalBatchDraws) -> torch.Tensor:
+    """The noise level of each example: an int timestep t (B,) for diffusion, sigma in [0, 1] (B,) for flow matching."""
+    if args.objective == "flow_matching":
+        return draws.timestep_density(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
+    return draws.randint(args.num_train_timesteps)
+
+
+def forward_process(args, noise_scheduler, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor):
+    """x_t (B, C, H, W), the denoiser's timestep input (B,), the target (B, C, H, W) and the loss weights (B,) or None,
+    for the noise ``levels`` of ``draw_noise_levels``."""
+    if args.objective == "flow_matching":
+        alpha, sigma = objectives.flow_coefficients(levels, x0.ndim)
+        timesteps = objectives.flow_timesteps(levels, args.num_train_timesteps)
+        weights = objectives.flow_matching_weight(levels, args.weighting_scheme)
+        prediction_type = "flow_prediction"
+    else:
+        alpha, sigma = noise_scheduler.noise_coefficients(levels, x0)
+        timesteps, prediction_type = levels, args.prediction_type
+        weights = None
+        if args.snr_gamma is not None:
+            snr = objectives.snr(alpha, sigma).reshape(-1)
+            weights = objectives.min_snr_weight(snr, args.snr_gamma, prediction_type)
+    noisy = objectives.noisy_sample(x0, noise, alpha, sigma)
+    return noisy, timesteps, objectives.training_target(x0, noise, alpha, sigma, prediction_type), weights
+
+
+def objective_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean over the batch of the per-example MSE (B,), times the loss weights when there are any."""
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    return (loss if weights is None else loss * weights).mean()
+
+
+def sampling_scheduler(args, noise_scheduler):
+    """The scheduler of the saved pipeline and the validation samples: hfgen's DDIM with the training schedule, or
+    diffusers' flow-matching Euler scheduler (shift 1: the sigmas the training density covers)."""
+    if args.objective == "flow_matching":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=args.num_train_timesteps, shift=1.0)
+    return DDIMScheduler.from_config(noise_scheduler.config)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -312,10 +352,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beta_schedule", choices=BETA_SCHEDULES, default="linear")
     p.add_argument("--beta_start", type=float, default=1e-4)
     p.add_argument("--beta_end", type=float, default=0.02)
-    p.add_argument("--prediction_type", choices=PREDICTION_TYPES, default="epsilon")
+    p.add_argument("--objective", choices=OBJECTIVES, default="diffusion", help="what the denoiser learns")
+    p.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None, help="diffusion: default epsilon")
     p.add_argument(
-        "--snr_gamma", type=float, default=None, help="min-SNR loss weighting gamma (e.g. 5.0); off if unset"
+        "--snr_gamma", type=float, default=None, help="diffusion: min-SNR loss weighting gamma (e.g. 5.0); off if unset"
     )
+    p.add_argument(
+        "--weighting_scheme",
+        choices=objectives.FLOW_WEIGHTING_SCHEMES,
+        default="logit_normal",
+        help="flow matching: the sigma density and loss weight, as in diffusers' SD3 script",
+    )
+    p.add_argument("--logit_mean", type=float, default=0.0, help="flow matching, logit_normal: mean of logit(sigma)")
+    p.add_argument("--logit_std", type=float, default=1.0, help="flow matching, logit_normal: std of logit(sigma)")
+    p.add_argument("--mode_scale", type=float, default=1.29, help="flow matching, mode: the density's scale")
     # data
     p.add_argument("--dataset_name", default=None, help="Hub data set (default: the built-in shapes)")
     p.add_argument("--dataset_config_name", default=None)
@@ -363,8 +413,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--validation_steps", type=int, default=None, help="log a sample grid every N steps")
     p.add_argument("--validation_prompts", nargs="*", default=None, help="text conditioning: prompts to sample")
     p.add_argument("--num_validation_images", type=int, default=16)
-    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for samples")
-    p.add_argument("--guidance_scale", type=float, default=2.0, help="CFG scale for conditional samples")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="sampler steps for samples")
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="CFG scale for conditional samples; default: the pipeline's (class 3.0, text 5.0, hfgen.guidance)",
+    )
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
     p.add_argument("--hub_token", default=None)
@@ -404,7 +459,17 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise ValueError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
-    if args.guidance_scale < 1:
+    if args.objective == "flow_matching":
+        for name in ("prediction_type", "snr_gamma"):
+            if getattr(args, name) is not None:
+                raise ValueError(
+                    f"--{name} applies to --objective diffusion; flow matching predicts the velocity eps - x0 and "
+                    "weights its loss by --weighting_scheme"
+                )
+        if args.logit_std <= 0:
+            raise ValueError(f"--logit_std must be > 0, got {args.logit_std}")
+    args.prediction_type = args.prediction_type or "epsilon"
+    if args.guidance_scale is not None and args.guidance_scale < 1:
         raise ValueError(f"--guidance_scale must be >= 1, got {args.guidance_scale}")
     if args.conditioning == "text" and not args.text_encoder:
         raise ValueError("--conditioning text needs --text_encoder (a folder with a CLIPTextModel and CLIPTokenizer)")
@@ -524,8 +589,8 @@ def main(args: argparse.Namespace) -> None:
         beta_schedule=args.beta_schedule,
         beta_start=args.beta_start,
         beta_end=args.beta_end,
-        prediction_type=args.prediction_type,
-    )
+        prediction_type=args.prediction_type if args.objective == "diffusion" else "epsilon",
+    )  # diffusion's forward process; flow matching only reads num_train_timesteps from args
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=args.learning_rate,
@@ -561,7 +626,6 @@ def main(args: argparse.Namespace) -> None:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if vae is not None:
         vae.to(device, dtype=weight_dtype)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
     global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
     first_epoch = global_step // updates_per_epoch
@@ -576,7 +640,7 @@ def main(args: argparse.Namespace) -> None:
         return the loss."""
         draws = GlobalBatchDraws(accelerator, batch["x"].shape[0], args.seed, step, micro)
         shape = (in_channels, sample_size, sample_size)
-        timesteps = draws.randint(args.num_train_timesteps)
+        levels = draw_noise_levels(args, draws)
         noise = draws.randn(*shape)
         flip = draws.rand() < 0.5 if args.random_flip else None
         drop = draws.rand() < args.cond_dropout
@@ -597,20 +661,13 @@ def main(args: argparse.Namespace) -> None:
         # 2. conditioning with dropout for classifier-free guidance
         cond = {}
         if args.conditioning == "class":
-            cond["class_labels"] = torch.where(drop, torch.full_like(batch["label"], num_classes), batch["label"])
+            cond["class_labels"] = drop_class_labels(batch["label"], drop, num_classes)
         elif args.conditioning == "text":
-            captions = ["" if d else t for d, t in zip(drop.tolist(), batch["text"])]
-            tokens, mask = encode_prompts(text_encoder, tokenizer, captions, device)
+            tokens, mask = encode_prompts(text_encoder, tokenizer, drop_captions(batch["text"], drop), device)
             cond["encoder_hidden_states"], cond["encoder_attention_mask"] = tokens.to(weight_dtype), mask
 
-        # 3. forward diffusion and the target of the objective
-        noisy = noise_scheduler.add_noise(x0, noise, timesteps)
-        if args.prediction_type == "epsilon":
-            target = noise
-        elif args.prediction_type == "v_prediction":
-            target = noise_scheduler.get_velocity(x0, noise, timesteps)
-        else:
-            target = x0
+        # 3. the forward process and the target of the objective
+        noisy, timesteps, target, weights = forward_process(args, noise_scheduler, x0, noise, levels)
 
         # 4. RIN latent self-conditioning: a no-grad first pass, its latents fed to the real pass for some examples
         if self_conditioning:
@@ -621,12 +678,8 @@ def main(args: argparse.Namespace) -> None:
                 prev = torch.where(self_cond[:, None, None], first, torch.zeros_like(first))
             cond["prev_latents"] = prev
 
-        # 5. loss, optionally min-SNR weighted
-        pred = model(noisy, timesteps, **cond).sample
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        if args.snr_gamma is not None:
-            loss = loss * snr_weights(alphas_cumprod, timesteps, args.snr_gamma, args.prediction_type)
-        return loss.mean()
+        # 5. loss, weighted by noise level (min-SNR, flow weighting) where the objective asks for it
+        return objective_loss(model(noisy, timesteps, **cond).sample, target, weights)
 
     def validate(step: int) -> list:
         denoiser = accelerator.unwrap_model(model)
@@ -634,7 +687,7 @@ def main(args: argparse.Namespace) -> None:
             ema.store(denoiser.parameters())
             ema.copy_to(denoiser.parameters())
         denoiser.eval()
-        sample_scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+        sample_scheduler = sampling_scheduler(args, noise_scheduler)
         pipeline = build_pipeline(args, denoiser, sample_scheduler, vae, text_encoder, tokenizer)
         images = sample_images(args, pipeline, num_classes, device)
         denoiser.train()
@@ -705,7 +758,7 @@ def main(args: argparse.Namespace) -> None:
         if not all_finite(denoiser.parameters()):
             raise RuntimeError("the final weights hold NaN or inf; not saving the pipeline")
         denoiser.eval()
-        sample_scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+        sample_scheduler = sampling_scheduler(args, noise_scheduler)
         pipeline = build_pipeline(args, denoiser, sample_scheduler, vae, text_encoder, tokenizer)
         pipeline.save_pretrained(args.output_dir)
         images = sample_images(args, pipeline, num_classes, device)
