@@ -273,8 +273,6 @@ class DiTModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         # 1. conditioning vector c
         c = self.t_embedder(timesteps)  # (B, D)
         if self.y_embedder is not None:
-            if class_labels is None:
-                class_labels = torch.full((B,), self.config.num_classes, dtype=torch.long, device=sample.device)
             c = c + self.y_embedder(class_labels)  # (B, D)
         if encoder_hidden_states is not None:
             pooled = masked_mean(encoder_hidden_states, encoder_attention_mask)  # (B, C_text)

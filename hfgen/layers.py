@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from .guidance import null_class_labels
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------------------------------
@@ -157,7 +159,8 @@ def check_denoiser_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """
     Validate the shared ``forward`` arguments against ``model.config`` and return ``(timesteps, class_labels)``:
-    timesteps as a float tensor of shape (B,) on the sample's device, labels as a long tensor (B,) or None.
+    timesteps as a float tensor of shape (B,) on the sample's device, labels as a long tensor (B,) (the null label
+    ``num_classes`` when a class-conditional model gets none; ``hfgen.guidance``) or None for an unconditional model.
 
     The model must have ``config.in_channels``, ``config.num_classes`` (None: unconditional),
     ``config.cross_attention_dim`` (None: no text) and a ``downsample_factor`` attribute.
@@ -206,6 +209,8 @@ def check_denoiser_inputs(
                 f"got {class_labels.tolist()}"
             )
         class_labels = class_labels.long()
+    elif num_classes:  # a class-conditional model without labels: the null label, as in guidance training
+        class_labels = null_class_labels(B, num_classes, sample.device)
 
     if encoder_hidden_states is not None:
         if cfg.cross_attention_dim is None:

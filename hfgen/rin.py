@@ -366,8 +366,6 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         # 1. conditioning tokens
         cond = [self.t_embedder(timesteps)]  # [(B, Dz)]
         if self.y_embedder is not None:
-            if class_labels is None:
-                class_labels = torch.full((B,), self.config.num_classes, dtype=torch.long, device=sample.device)
             cond.append(self.y_embedder(class_labels))  # (B, Dz)
         if encoder_hidden_states is not None:
             pooled = masked_mean(encoder_hidden_states, encoder_attention_mask)  # (B, C_text)

@@ -313,8 +313,6 @@ class UNetModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         # 1. embed time (and class): (B,) -> (B, E), activated once for every ResBlock
         emb = self.time_embed(timesteps)  # (B, E)
         if self.class_embed is not None:
-            if class_labels is None:  # no label: the null label, as in classifier-free guidance training
-                class_labels = torch.full_like(timesteps, self.config.num_classes, dtype=torch.long)
             emb = emb + self.class_embed(class_labels)  # (B, E)
         emb = F.silu(emb)
 
