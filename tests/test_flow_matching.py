@@ -24,15 +24,7 @@ from hfgen.layers import DenoiserOutput
 from hfgen.pipelines import HFGenPipeline
 from hfgen.training import train_diffusion
 
-T = 1000
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+T = 1000  # num_train_timesteps; conftest.py runs the suite on one torch thread
 
 
 # ----------------------------------------------------------------------------------------------------------------------
