@@ -4,6 +4,7 @@ for every digit with and without classifier-free guidance.
 
     .venv/bin/python benchmarks/bench_class_conditional.py --train_minutes 9 --results benchmarks/RESULTS_class_conditional.md
     .venv/bin/python benchmarks/bench_class_conditional.py --quick    # tiny models, a few steps, ~1 min
+    .venv/bin/python benchmarks/bench_class_conditional.py --objective flow_matching --results ...
 
 For each of ``--models``, one after the other:
 
@@ -12,16 +13,19 @@ For each of ``--models``, one after the other:
    each model gets about the same wall-clock budget on whatever load the shared machine carries;
 2. train with ``training/train_diffusion.py`` in this process (``main(parse_args([...]))``), class-conditional on
    mnist10k.npz (28x28 padded to 32x32, 1 channel), label dropout 0.1 to the null label ``num_classes``;
-3. load the saved folder with ``HFGenPipeline.from_pretrained``, swap in a DDIM scheduler with "trailing" spacing and
+3. load the saved folder with ``HFGenPipeline.from_pretrained``, swap in a DDIM scheduler with "trailing" spacing
+   (``--objective diffusion``; flow matching samples with the saved FlowMatchEulerDiscreteScheduler) and
    draw ``--per_class`` digits of each class with ``--num_inference_steps`` steps at each ``--guidance_scales``
    (the same starting noise for every scale; guidance 1 = one conditional pass);
 4. score: the fraction the digit classifier (benchmarks/artifacts/digit_classifier, ~98% on held-out digits) reads
    as the asked class, overall and per class; sampling speed in images/s; a grid per guidance scale (row = asked
    digit 0..9) in ``--output_dir``.
 
-Recipe (all three; see ``RECIPES`` for the networks): cosine ("squaredcos_cap_v2") noise schedule, v-prediction,
-min-SNR-5 loss weights, AdamW (beta2 0.99), linear warmup then cosine decay to 0 over the run, gradient clipping
-at 1, EMA (warmup power 3/4, max decay 0.999) whose weights are the ones saved and sampled.
+Recipe (all three; see ``RECIPES`` for the networks): ``--objective diffusion`` (default): cosine
+("squaredcos_cap_v2") noise schedule, v-prediction, min-SNR-5 loss weights; ``--objective flow_matching``:
+train_diffusion's rectified flow (sigma logit-normal(0, 1), velocity target eps - x0, unweighted MSE). Both: AdamW
+(beta2 0.99), linear warmup then cosine decay to 0 over the run, gradient clipping at 1, EMA (warmup power 3/4, max
+decay 0.999) whose weights are the ones saved and sampled.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ARTIFACTS, CLASSIFIER, MNIST, header, write_results  # noqa: E402
@@ -89,13 +94,17 @@ RECIPES: dict[str, dict] = {
     },
 }
 QUICK_PRESETS = {"unet": "unet-tiny", "dit": "DiT-tiny/2", "rin": "RIN-tiny"}
+OBJECTIVES = train_diffusion.OBJECTIVES  # ("diffusion", "flow_matching")
+OBJECTIVE_FLAGS = {
+    # the noise schedule, prediction type and loss weights of diffusion; train_diffusion refuses the last two with
+    # flow matching, which draws sigma logit-normal(0, 1) and regresses the velocity eps - x0 unweighted (its defaults)
+    "diffusion": ["--beta_schedule", "squaredcos_cap_v2", "--prediction_type", "v_prediction", "--snr_gamma", "5"],
+    "flow_matching": ["--objective", "flow_matching"],
+}
 COMMON_FLAGS = [
     "--conditioning", "class",
     "--pad_images",
     "--resolution", "32",
-    "--beta_schedule", "squaredcos_cap_v2",
-    "--prediction_type", "v_prediction",
-    "--snr_gamma", "5",
     "--lr_scheduler", "cosine",
     "--adam_beta2", "0.99",
     "--max_grad_norm", "1.0",
@@ -163,6 +172,7 @@ def train_flags(model: str, config_path: Path, output_dir: Path, steps: int, arg
         "--learning_rate", str(recipe["learning_rate"]),
         "--lr_warmup_steps", str(min(50, max(1, steps // 10))),
         *COMMON_FLAGS,
+        *OBJECTIVE_FLAGS[args.objective],
     ]  # fmt: skip
     if recipe["self_cond_prob"] is not None:
         flags += ["--self_cond_prob", str(recipe["self_cond_prob"])]
@@ -185,6 +195,14 @@ def load_classifier(args) -> tuple[DigitClassifier, str]:
         train_digit_classifier.parse_args(["--mnist", str(args.mnist), "--output_dir", str(args.classifier)])
     )
     return DigitClassifier.from_pretrained(args.classifier).eval(), str(args.classifier)
+
+
+def evaluation_scheduler(scheduler):
+    """The sampler of a saved pipeline's evaluation: a flow-matching model's own FlowMatchEulerDiscreteScheduler; for a
+    diffusion model, DDIM with "trailing" spacing from its saved scheduler's config."""
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return scheduler
+    return DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")
 
 
 def grid_image(images: torch.Tensor, per_class: int, scale: int = 2) -> PIL.Image.Image:
@@ -242,13 +260,15 @@ def run_model(model: str, args, classifier: DigitClassifier) -> dict:
         raise RuntimeError(
             f"{model}: trained with num_classes={pipe.denoiser.config.num_classes}, expected {NUM_CLASSES}"
         )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    pipe.scheduler = evaluation_scheduler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)  # (N,) class-major
     noise = torch.randn((len(labels), 1, 32, 32), generator=torch.Generator().manual_seed(args.seed + 1))
     result = {
         "model": model,
+        "objective": args.objective,
         "denoiser": type(pipe.denoiser).__name__,
+        "sampler": type(pipe.scheduler).__name__,
         "config": config,
         "parameters": sum(p.numel() for p in pipe.denoiser.parameters()),
         "batch_size": batch_size(model, args),
@@ -295,6 +315,7 @@ def run_model(model: str, args, classifier: DigitClassifier) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", choices=tuple(RECIPES), default=list(RECIPES))
+    p.add_argument("--objective", choices=OBJECTIVES, default="diffusion", help="what the denoisers learn")
     p.add_argument("--mnist", type=Path, default=MNIST, help="path to mnist10k.npz")
     p.add_argument("--classifier", type=Path, default=CLASSIFIER, help="DigitClassifier folder (trained if missing)")
     p.add_argument(
@@ -305,7 +326,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=None, help="batch size for every model instead of the recipe's")
     p.add_argument("--min_steps", type=int, default=50, help="floor on the calibrated number of steps")
     p.add_argument("--per_class", type=int, default=10, help="samples per digit")
-    p.add_argument("--num_inference_steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--num_inference_steps", type=int, default=25, help="sampling steps (DDIM or flow Euler)")
     p.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 3.0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is faster on the loaded 2-core box)")
@@ -366,6 +387,7 @@ def main(args: argparse.Namespace) -> dict:
     classifier, classifier_source = load_classifier(args)
     report = {
         "quick": args.quick,
+        "objective": args.objective,
         "classifier": classifier_source,
         "per_class": args.per_class,
         "num_inference_steps": args.num_inference_steps,
@@ -377,9 +399,11 @@ def main(args: argparse.Namespace) -> dict:
         report["models"].append(run_model(model, args, classifier))
         (args.output_dir / "results.json").write_text(json.dumps(report, indent=2))  # after each model
     block = header("Class-conditional digits: U-Net, DiT, RIN" + (" (quick)" if args.quick else ""))
+    sampler = "DDIM steps (trailing)" if args.objective == "diffusion" else "flow-matching Euler steps"
     block += (
-        f"- {args.per_class} samples per digit, {args.num_inference_steps} DDIM steps (trailing), same noise for each "
-        f"guidance scale; 'asked digit' = fraction the digit classifier ({classifier_source}) reads as the asked class\n\n"
+        f"- objective: {args.objective}; {args.per_class} samples per digit, {args.num_inference_steps} {sampler}, "
+        f"same noise for each guidance scale; 'asked digit' = fraction the digit classifier ({classifier_source}) "
+        "reads as the asked class\n\n"
     )
     block += markdown(report)
     write_results(block, args.results)

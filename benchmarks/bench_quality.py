@@ -1,15 +1,18 @@
 """
-Quality at a fixed CPU budget: diffusers' unconditional recipe versus hfgen's, on the 8000 training digits.
+Quality at a fixed CPU budget: diffusers' unconditional recipe versus hfgen's, with diffusion and with flow matching,
+on the 8000 training digits.
 
     .venv/bin/python benchmarks/bench_quality.py --budget_minutes 15 --results benchmarks/RESULTS.md
     .venv/bin/python benchmarks/bench_quality.py --quick
+    .venv/bin/python benchmarks/bench_quality.py --recipes hfgen hfgen-flow   # the two hfgen objectives only
 
-Both recipes train in the same process for the same wall-clock budget each. Training alternates between them in
-slices of ``--slice_seconds`` (A/B/A/B...), every step checking the clock, so that load changes on the shared machine
-hit both alike. Then each draws ``--num_samples`` digits with 25 DDIM steps of its own library's DDIMScheduler, and
-both sets are scored against the 2000 held-out digits: FID/KID in the digit classifier's feature space and the
-class balance of the samples. The real-versus-real floor (training digits against held-out ones, with the same
-numbers of images) is printed beside them.
+The ``--recipes`` (default all three) train in the same process for the same wall-clock budget each. Training
+alternates between them in slices of ``--slice_seconds`` (A/B/C/A/B/C...), every step checking the clock, so that
+load changes on the shared machine hit all alike. Then each draws ``--num_samples`` digits with 25 steps of its
+sampler (its own library's DDIMScheduler; the flow-matching Euler scheduler for (c)), and all sets are scored
+against the 2000 held-out digits: FID/KID in the digit classifier's feature space and the class balance of the
+samples. The real-versus-real floor (training digits against held-out ones, with the same numbers of images) is
+printed beside them.
 
 (a) diffusers: ``examples/unconditional_image_generation/train_unconditional.py`` as shipped, with the network
     scaled down to CPU size: its block layout (layers_per_block=2, plain ResNet levels with attention only at the
@@ -23,9 +26,16 @@ numbers of images) is printed beside them.
     (Hang et al. 2023); AdamW lr 2e-3, betas (0.9, 0.99), no weight decay, gradient clipping at 1, 100 linear
     warmup steps (few steps fit in a CPU budget) then cosine decay to 0 over the time budget; EMA with warmup,
     decay min(0.999, (1+n)/(10+n)); batch 32. Sampling: DDIMScheduler with "trailing" timestep spacing.
+(c) hfgen-flow: (b) with the flow-matching objective of ``train_diffusion.py --objective flow_matching``: the same
+    network (and initial weights), optimizer, learning-rate schedule, EMA and batch; rectified flow
+    x_t = (1 - sigma) x_0 + sigma eps with sigma drawn logit-normal(0, 1) (diffusers'
+    ``compute_density_for_timestep_sampling``), target the velocity eps - x_0, unweighted MSE, denoiser timestep
+    sigma * 1000 (``hfgen.objectives``). Sampling: diffusers' FlowMatchEulerDiscreteScheduler (1000, shift 1) through
+    HFGenPipeline. The results name the hfgen objective with the lower FID ("better hfgen objective").
 
-The trained pipelines are saved to ``--output_dir`` (benchmarks/artifacts/quality/{diffusers,hfgen}) with
-``results.json``; bench_sampler_steps.py reads the better one from there.
+The trained pipelines are saved to ``--output_dir`` (benchmarks/artifacts/quality/{diffusers,hfgen,hfgen-flow}) with
+``results.json``; bench_sampler_steps.py reads the better of the two DDPM-trained ones ("best": diffusers or hfgen;
+its DDIM/DDPM/DPM-Solver swaps do not apply to a flow model) from there.
 """
 
 from __future__ import annotations
@@ -42,12 +52,13 @@ import torch
 import torch.nn.functional as F
 from common import ARTIFACTS, CLASSIFIER, MNIST, header, write_results
 from diffusers import DDIMScheduler as DiffusersDDIM
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import DDPMPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
 from diffusers import DDPMScheduler as DiffusersDDPM
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
 
 import hfgen
+from hfgen import objectives
 from hfgen.metrics import DigitClassifier, class_balance, fid_kid, fit_digit_classifier, load_digits
 from hfgen.pipelines import HFGenPipeline
 
@@ -128,7 +139,9 @@ class DiffusersRecipe:
 
 
 class HFGenRecipe:
-    """hfgen's recipe (see the module docstring)."""
+    """hfgen's recipe (see the module docstring): the network, optimizer, EMA and schedule of both hfgen recipes, and
+    the diffusion objective; ``HFGenFlowRecipe`` replaces only ``setup_objective``, ``loss`` and
+    ``sampling_scheduler``."""
 
     name = "hfgen"
     batch_size = 32
@@ -139,34 +152,39 @@ class HFGenRecipe:
     def __init__(self, quick: bool):
         preset = hfgen.UNET_PRESETS["unet-tiny" if quick else "unet-small"]
         self.model = hfgen.UNetModel(**preset, sample_size=32, in_channels=1, out_channels=1)
-        self.noise_scheduler = hfgen.DDPMScheduler(
-            num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
-        )
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=self.peak_lr, betas=(0.9, 0.99), weight_decay=0.0
         )
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
-        alpha_bar = self.noise_scheduler.alphas_cumprod
-        self.snr = alpha_bar / (1 - alpha_bar)  # (T,)
+        self.setup_objective()
         self.steps = 0
+
+    def setup_objective(self) -> None:
+        self.noise_scheduler = hfgen.DDPMScheduler(
+            num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+        )
 
     def start(self, estimated_total_steps: int) -> None:
         pass  # the learning rate follows the elapsed fraction of the time budget
+
+    def loss(self, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """v-prediction MSE weighted by min-SNR-gamma, on a batch of clean digits (B, 1, 32, 32) (hfgen.objectives)."""
+        noise = torch.randn(clean.shape, generator=generator)
+        t = torch.randint(0, 1000, (clean.shape[0],), generator=generator)
+        alpha, sigma = self.noise_scheduler.noise_coefficients(t, clean)
+        noisy = objectives.noisy_sample(clean, noise, alpha, sigma)
+        target = objectives.training_target(clean, noise, alpha, sigma, "v_prediction")
+        snr = objectives.snr(alpha, sigma).reshape(-1)
+        weight = objectives.min_snr_weight(snr, self.min_snr_gamma, "v_prediction")  # (B,)
+        per_sample = F.mse_loss(self.model(noisy, t).sample, target, reduction="none").mean(dim=(1, 2, 3))
+        return (weight * per_sample).mean()
 
     def train_step(self, clean: torch.Tensor, generator: torch.Generator, progress: float) -> float:
         # learning rate: linear warmup, then cosine decay over the time budget
         lr = self.peak_lr * min(1.0, (self.steps + 1) / self.warmup_steps) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        noise = torch.randn(clean.shape, generator=generator)
-        t = torch.randint(0, 1000, (clean.shape[0],), generator=generator)
-        noisy = self.noise_scheduler.add_noise(clean, noise, t)
-        target = self.noise_scheduler.get_velocity(clean, noise, t)
-        # min-SNR-gamma weight for the v objective: min(SNR, gamma) / (SNR + 1)
-        snr = self.snr[t]
-        weight = snr.clamp(max=self.min_snr_gamma) / (snr + 1)  # (B,)
-        per_sample = F.mse_loss(self.model(noisy, t).sample, target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (weight * per_sample).mean()
+        loss = self.loss(clean, generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -178,9 +196,11 @@ class HFGenRecipe:
         self.steps += 1
         return loss.item()
 
+    def sampling_scheduler(self):
+        return hfgen.DDIMScheduler.from_config(self.noise_scheduler.config, timestep_spacing="trailing")
+
     def pipeline(self):
-        scheduler = hfgen.DDIMScheduler.from_config(self.noise_scheduler.config, timestep_spacing="trailing")
-        return HFGenPipeline(denoiser=copy.deepcopy(self.ema_model).eval(), scheduler=scheduler)
+        return HFGenPipeline(denoiser=copy.deepcopy(self.ema_model).eval(), scheduler=self.sampling_scheduler())
 
     @staticmethod
     def sample(pipe, n: int, steps: int, seed: int) -> torch.Tensor:
@@ -189,6 +209,39 @@ class HFGenRecipe:
             batch_size=n, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt"
         )
         return out.images.float()
+
+
+class HFGenFlowRecipe(HFGenRecipe):
+    """hfgen's recipe with the flow-matching objective of ``train_diffusion.py --objective flow_matching`` (see the
+    module docstring): everything but the objective and the sampler is ``HFGenRecipe``'s."""
+
+    name = "hfgen-flow"
+    num_train_timesteps = 1000
+    weighting_scheme = "logit_normal"
+    logit_mean, logit_std = 0.0, 1.0
+
+    def setup_objective(self) -> None:
+        pass  # rectified flow has no noise schedule to build: sigma is drawn per example
+
+    def loss(self, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """MSE of the velocity eps - x0 at x_t = (1 - sigma) x0 + sigma eps, sigma ~ logit-normal(0, 1)."""
+        noise = torch.randn(clean.shape, generator=generator)
+        sigmas = compute_density_for_timestep_sampling(
+            self.weighting_scheme, clean.shape[0], self.logit_mean, self.logit_std, generator=generator
+        )  # (B,) in (0, 1)
+        alpha, sigma = objectives.flow_coefficients(sigmas, clean.ndim)
+        noisy = objectives.noisy_sample(clean, noise, alpha, sigma)
+        target = objectives.training_target(clean, noise, alpha, sigma, "flow_prediction")
+        timesteps = objectives.flow_timesteps(sigmas, self.num_train_timesteps)
+        weight = objectives.flow_matching_weight(sigmas, self.weighting_scheme)  # (B,) ones: the density weights
+        per_sample = F.mse_loss(self.model(noisy, timesteps).sample, target, reduction="none").mean(dim=(1, 2, 3))
+        return (weight * per_sample).mean()
+
+    def sampling_scheduler(self):
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=1.0)
+
+
+RECIPES = {r.name: r for r in (DiffusersRecipe, HFGenRecipe, HFGenFlowRecipe)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -255,12 +308,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Quality at a fixed CPU budget: diffusers' recipe vs hfgen's.")
     p.add_argument("--mnist", type=Path, default=MNIST)
     p.add_argument("--budget_minutes", type=float, default=15.0, help="training wall-clock budget per recipe")
-    p.add_argument("--slice_seconds", type=float, default=30.0, help="length of one A/B training slice")
+    p.add_argument("--slice_seconds", type=float, default=30.0, help="length of one interleaved training slice")
     p.add_argument("--num_samples", type=int, default=500)
     p.add_argument("--num_inference_steps", type=int, default=25)
     p.add_argument("--eval_batch_size", type=int, default=250)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 beats 2 on an oversubscribed machine)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipes", nargs="+", choices=tuple(RECIPES), default=list(RECIPES), help="which to train")
     p.add_argument("--output_dir", type=Path, default=ARTIFACTS / "quality")
     p.add_argument("--results", type=Path, default=None, help="append a markdown block to this file")
     p.add_argument(
@@ -281,7 +335,10 @@ def main(args: argparse.Namespace) -> dict:
         test_x = test_x[:500]
     classifier = load_classifier(args.quick, train_x, train_y)
 
-    recipes = [DiffusersRecipe(args.quick), HFGenRecipe(args.quick)]
+    recipes = []
+    for name in dict.fromkeys(args.recipes):  # each from the same seed: hfgen and hfgen-flow start from one network
+        torch.manual_seed(args.seed)
+        recipes.append(RECIPES[name](args.quick))
     training = train_interleaved(recipes, train_x, args.budget_minutes * 60, args.slice_seconds, args.seed)
 
     # floor: real training digits vs held-out, with the same numbers of images as the model figures
@@ -305,19 +362,45 @@ def main(args: argparse.Namespace) -> dict:
         }
         pipe.save_pretrained(args.output_dir / r.name)
         torch.save(images[:64].clone(), args.output_dir / r.name / "samples.pt")
-    results["best"] = min(("diffusers", "hfgen"), key=lambda k: results[k]["fid"])
-    results["fid_ratio_hfgen_over_diffusers"] = results["hfgen"]["fid"] / results["diffusers"]["fid"]
+    results.update(comparisons(results))
     results["settings"] = {k: str(v) for k, v in vars(args).items()}
     (args.output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_results(report(results, args), args.results)
+    return results
 
+
+def comparisons(results: dict) -> dict:
+    """The summary keys: "best", the lower FID of the DDPM-trained recipes (bench_sampler_steps.py re-samples it with
+    DDIM/DDPM schedulers, which a flow model cannot take); the FID ratios over diffusers; the hfgen objective with the
+    lower FID."""
+    out = {}
+    ddpm_family = [k for k in ("diffusers", "hfgen") if k in results]
+    if ddpm_family:
+        out["best"] = min(ddpm_family, key=lambda k: results[k]["fid"])
+    for name in ("hfgen", "hfgen-flow"):
+        if name in results and "diffusers" in results:
+            key = f"fid_ratio_{name.replace('-', '_')}_over_diffusers"
+            out[key] = results[name]["fid"] / results["diffusers"]["fid"]
+    if "hfgen" in results and "hfgen-flow" in results:
+        better = min(("hfgen", "hfgen-flow"), key=lambda k: results[k]["fid"])
+        out["better_hfgen_objective"] = OBJECTIVE_NAMES[better]
+    return out
+
+
+OBJECTIVE_NAMES = {"hfgen": "diffusion (v-prediction, min-SNR-5)", "hfgen-flow": "flow matching (rectified flow)"}
+
+
+def report(results: dict, args: argparse.Namespace) -> str:
+    """The markdown block: one row per recipe, the real-versus-real floors, the FID ratios and the better objective."""
     lines = [header("Quality at a fixed CPU budget (bench_quality.py)" + (" [quick]" if args.quick else ""))]
     lines.append(
-        f"- budget {args.budget_minutes} min of training per recipe, A/B slices of {args.slice_seconds} s; "
-        f"{args.num_samples} samples, {args.num_inference_steps} DDIM steps; FID/KID vs the 2000 held-out digits\n"
+        f"- budget {args.budget_minutes} min of training per recipe, interleaved slices of {args.slice_seconds} s; "
+        f"{args.num_samples} samples, {args.num_inference_steps} sampling steps (DDIM; flow-matching Euler for "
+        f"hfgen-flow); FID/KID vs the 2000 held-out digits\n"
     )
     lines.append("| | params | steps | images seen | FID | KID | class entropy | max class share | sampling s |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
-    for name in ("diffusers", "hfgen"):
+    for name in [r for r in RECIPES if r in results]:
         r = results[name]
         cb = r["class_balance"]
         lines.append(
@@ -331,9 +414,15 @@ def main(args: argparse.Namespace) -> dict:
     ):
         f = results[key]
         lines.append(f"| {label} | | | | {f['fid']:.2f} | {f['kid_mean']:.2f} ± {f['kid_std']:.2f} | | | |")
-    lines.append(f"\nFID ratio hfgen / diffusers: {results['fid_ratio_hfgen_over_diffusers']:.3f} (goal <= 0.1)\n")
-    write_results("\n".join(lines), args.results)
-    return results
+    lines.append("")
+    for name in ("hfgen", "hfgen-flow"):
+        key = f"fid_ratio_{name.replace('-', '_')}_over_diffusers"
+        if key in results:
+            lines.append(f"FID ratio {name} / diffusers: {results[key]:.3f} (goal <= 0.1)")
+    if "better_hfgen_objective" in results:
+        fids = f"FID {results['hfgen']['fid']:.2f} diffusion vs {results['hfgen-flow']['fid']:.2f} flow matching"
+        lines.append(f"better hfgen objective: {results['better_hfgen_objective']} ({fids})")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def test_quick_run_writes_report_and_grids(mnist_path, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(report))
     assert [r["model"] for r in report["models"]] == ["unet", "dit", "rin"]
     assert [r["denoiser"] for r in report["models"]] == ["UNetModel", "DiTModel", "RINModel"]
+    assert report["objective"] == "diffusion" and {r["sampler"] for r in report["models"]} == {"DDIMScheduler"}
     for r in report["models"]:
         assert r["train_steps"] == 3 and r["train_seconds"] > 0
         assert (tmp_path / r["model"] / "pipeline" / "model_index.json").exists()
@@ -46,3 +47,27 @@ def test_quick_run_writes_report_and_grids(mnist_path, tmp_path):
             assert grid.parent == tmp_path and grid.exists()
             with bench.PIL.Image.open(grid) as im:
                 assert im.size == (2 * 32 * 2, 10 * 32 * 2)  # 2 per class x 10 rows of 32 px, upscaled x2
+
+
+def test_flow_matching_flags_leave_out_the_diffusion_ones(mnist_path, tmp_path):
+    args = bench.parse_args(["--quick", "--mnist", str(mnist_path), "--objective", "flow_matching"])
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(bench.model_config("unet", quick=True)))
+    flags = bench.train_flags("unet", config, tmp_path / "out", 3, args)
+    assert flags[flags.index("--objective") + 1] == "flow_matching"
+    assert not {"--prediction_type", "--snr_gamma", "--beta_schedule"} & set(flags)
+    parsed = bench.train_diffusion.parse_args(flags)  # train_diffusion refuses --prediction_type/--snr_gamma with flow
+    assert parsed.objective == "flow_matching" and parsed.weighting_scheme == "logit_normal"
+
+
+def test_quick_flow_matching_run_samples_with_the_saved_flow_scheduler(mnist_path, tmp_path):
+    args = ["--quick", "--mnist", str(mnist_path), "--output_dir", str(tmp_path), "--objective", "flow_matching"]
+    report = bench.main(bench.parse_args([*args, "--models", "unet"]))
+
+    assert report["objective"] == "flow_matching"
+    (r,) = report["models"]
+    assert r["objective"] == "flow_matching" and r["sampler"] == "FlowMatchEulerDiscreteScheduler"
+    assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
+    saved = bench.HFGenPipeline.from_pretrained(tmp_path / "unet" / "pipeline")
+    assert type(saved.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert json.loads((tmp_path / "results.json").read_text())["models"][0]["objective"] == "flow_matching"

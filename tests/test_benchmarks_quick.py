@@ -66,8 +66,13 @@ def test_classifier_quality_and_sampler_steps_quick(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_quality, "CLASSIFIER", clf)
     quality = tmp_path / "quality"
     out = bench_quality.main(bench_quality.parse_args(["--quick", "--output_dir", str(quality)]))
-    assert out["best"] in ("hfgen", "diffusers") and out["hfgen"]["steps"] > 0 and out["diffusers"]["steps"] > 0
-    assert (quality / "hfgen" / "model_index.json").exists() and (quality / "diffusers" / "model_index.json").exists()
+    assert out["best"] in ("hfgen", "diffusers")  # the DDPM-trained ones, which bench_sampler_steps re-samples
+    assert out["better_hfgen_objective"] in bench_quality.OBJECTIVE_NAMES.values()
+    for name in ("diffusers", "hfgen", "hfgen-flow"):
+        assert out[name]["steps"] > 0 and out[name]["fid"] > 0
+        assert (quality / name / "model_index.json").exists() and (quality / name / "samples.pt").exists()
+    flow = bench_quality.HFGenPipeline.from_pretrained(quality / "hfgen-flow")
+    assert type(flow.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     for model in ("hfgen", "diffusers"):
         steps = bench_sampler_steps.main(
             bench_sampler_steps.parse_args(

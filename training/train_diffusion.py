@@ -468,7 +468,8 @@ def check_args(args: argparse.Namespace) -> None:
                 )
         if args.logit_std <= 0:
             raise ValueError(f"--logit_std must be > 0, got {args.logit_std}")
-    args.prediction_type = args.prediction_type or "epsilon"
+    if args.objective == "diffusion":
+        args.prediction_type = args.prediction_type or "epsilon"
     if args.guidance_scale is not None and args.guidance_scale < 1:
         raise ValueError(f"--guidance_scale must be >= 1, got {args.guidance_scale}")
     if args.conditioning == "text" and not args.text_encoder:
