@@ -90,12 +90,14 @@ def push_model_to_hub(
     private: bool | None = None,
     token: str | None = None,
     create_pr: bool = False,
+    variant: str | None = None,
 ):
-    """Upload one hfgen model (safetensors + config) with a model card and, when ``images`` are given, a sample grid."""
+    """Upload one hfgen model (safetensors + config) with a model card and, when ``images`` are given, a sample grid;
+    ``variant`` names the weights file as diffusers does (``diffusion_pytorch_model.<variant>.safetensors``)."""
     cls = type(model)
     usage = f'from hfgen import {cls.__name__}\n\nmodel = {cls.__name__}.from_pretrained("{repo_id}")'
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, variant=variant)
         if images:
             image_grid(images).save(os.path.join(tmp, SAMPLE_GRID_FILE))
         card = model_card_text(
@@ -122,9 +124,16 @@ class HubCardMixin:
         create_pr: bool = False,
         training_info: dict[str, Any] | None = None,
         images: list[PIL.Image.Image] | None = None,
+        variant: str | None = None,
+        safe_serialization: bool = True,
         **kwargs: Any,
     ):
-        """Upload this model (safetensors + config) with README.md; ``images`` become the card's sample grid."""
+        """Upload this model (safetensors + config) with README.md; ``images`` become the card's sample grid;
+        ``variant`` as in diffusers' ``ModelMixin.push_to_hub``."""
         if kwargs:
             raise TypeError(f"push_to_hub got unexpected arguments {sorted(kwargs)}")
-        return push_model_to_hub(self, repo_id, training_info, images, commit_message, private, token, create_pr)
+        if not safe_serialization:
+            raise ValueError("hfgen uploads safetensors only (safe_serialization=False is not supported)")
+        return push_model_to_hub(
+            self, repo_id, training_info, images, commit_message, private, token, create_pr, variant=variant
+        )

@@ -6,7 +6,8 @@ push it with a model card.
 - ``from_pretrained(folder or "user/repo")``: a repo id is fetched with ``huggingface_hub.snapshot_download`` (which
   honours ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE`` and ``cache_dir``), then every component is built from the class that
   ``model_index.json`` names, imported from the *installed* ``hfgen``, ``diffusers`` or ``transformers``. No file of
-  the repository is ever imported, so this needs no ``trust_remote_code``.
+  the repository is ever imported, so this needs no ``trust_remote_code``. A diffusers pipeline's "transformer" or
+  "unet" (``facebook/DiT-XL-2-256``, ``google/ddpm-cifar10-32``) is converted to the hfgen denoiser.
 - ``save_pretrained``: diffusers' folder (``model_index.json`` with entries like ``["hfgen.unet", "UNetModel"]``,
   safetensors weights) plus two kinds of one-line files so that generic
   ``DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)`` works too:
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -37,6 +39,7 @@ from huggingface_hub import snapshot_download
 
 from hfgen.cards import SAMPLE_GRID_FILE, _upload, image_grid, model_card_text, push_model_to_hub  # noqa: F401
 
+logger = logging.getLogger(__name__)
 PIPELINE_MODULE = "pipeline"  # model_index.json "_class_name": ["pipeline", "<Class>"] -> pipeline.py
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -85,22 +88,93 @@ def component_class(library: str, class_name: str) -> type:
     return cls
 
 
+def convert_denoiser(model) -> ModelMixin:
+    """A diffusers denoiser as the hfgen model that computes the same function: ``DiTTransformer2DModel`` (or
+    ``Transformer2DModel`` with ada_norm_zero) -> ``DiTModel.from_diffusers``, ``UNet2DModel`` ->
+    ``UNetModel.from_diffusers``."""
+    from hfgen import DiTModel, UNetModel
+
+    name = type(model).__name__
+    if name in ("DiTTransformer2DModel", "Transformer2DModel"):
+        return DiTModel.from_diffusers(model)
+    if name == "UNet2DModel":
+        return UNetModel.from_diffusers(model)
+    raise ValueError(
+        f"cannot use a diffusers {name} as an hfgen denoiser; hfgen converts DiTTransformer2DModel, "
+        "Transformer2DModel (norm_type='ada_norm_zero') and UNet2DModel"
+    )
+
+
 def load_component(
     cls: type,
     path: str,
     torch_dtype: torch.dtype | None = None,
     variant: str | None = None,
     use_safetensors: bool | None = None,
+    low_cpu_mem_usage: bool = True,
 ) -> Any:
     """``cls.from_pretrained(path)`` with the dtype keyword each library expects (schedulers/tokenizers get none)."""
     if issubclass(cls, ModelMixin):
-        return cls.from_pretrained(path, torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors)
+        return cls.from_pretrained(
+            path,
+            torch_dtype=torch_dtype,
+            variant=variant,
+            use_safetensors=use_safetensors,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
     if issubclass(cls, torch.nn.Module):  # transformers PreTrainedModel
-        kwargs = {"variant": variant, "use_safetensors": use_safetensors}
+        kwargs = {"variant": variant, "use_safetensors": use_safetensors, "low_cpu_mem_usage": low_cpu_mem_usage}
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
         return cls.from_pretrained(path, **kwargs)
     return cls.from_pretrained(path)
+
+
+def component_dtype(torch_dtype: torch.dtype | dict | None, name: str) -> torch.dtype | None:
+    """The dtype of component ``name``: ``torch_dtype`` itself, or from a per-component dict as in diffusers
+    (``{"denoiser": torch.bfloat16, "default": torch.float16}``; float32 for names it lacks without "default")."""
+    if isinstance(torch_dtype, dict):
+        return torch_dtype.get(name, torch_dtype.get("default", torch.float32))
+    return torch_dtype
+
+
+def check_variant_files(folder: str, config: dict, variant: str | None) -> None:
+    """diffusers' ``ValueError`` when no component folder holds a weight file of ``variant`` (e.g. ``*.fp16.*``)."""
+    if variant is None:
+        return
+    for name, entry in config.items():
+        sub = os.path.join(folder, name)
+        if isinstance(entry, list) and os.path.isdir(sub) and any(f".{variant}." in f for f in os.listdir(sub)):
+            return
+    raise ValueError(
+        f"You are trying to load the model files of the `variant={variant}`, but no such modeling files are available."
+    )
+
+
+def place_components(pipe, device_map: str | None) -> None:
+    """diffusers' pipeline ``device_map``: a device ("cpu", "cuda", "cuda:1") puts every model there; "balanced"
+    spreads the models over the visible accelerators, largest first onto the least-filled one (CPU without any)."""
+    if device_map is None:
+        return
+    if not isinstance(device_map, str):
+        raise ValueError(f"device_map must be a string (a device or 'balanced'), got {type(device_map).__name__}")
+    models = {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
+    if device_map != "balanced":
+        try:
+            device = torch.device(device_map)
+        except RuntimeError as error:
+            raise ValueError(f"device_map must be a device or 'balanced', got {device_map!r}") from error
+        for model in models.values():
+            model.to(device)
+        return
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+    load = dict.fromkeys(devices, 0)
+    pipe.hf_device_map = {}
+    for name, model in sorted(models.items(), key=lambda kv: -sum(p.numel() for p in kv[1].parameters())):
+        device = min(load, key=load.get)
+        model.to(device)
+        load[device] += sum(p.numel() for p in model.parameters())
+        pipe.hf_device_map[name] = device
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -114,11 +188,15 @@ class HFGenHubMixin:
     A pipeline can override ``_card_tags``, ``_card_usage`` and ``_card_samples`` to describe itself on its card.
     """
 
+    # diffusers' own pipelines name their denoiser "transformer" (DiTPipeline) or "unet" (DDPMPipeline, ...): such a
+    # model_index.json entry is loaded with its diffusers class and converted (``convert_denoiser``)
+    _diffusers_denoiser_names = ("transformer", "unet")
+
     @classmethod
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
-        torch_dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | dict | None = None,
         cache_dir: str | os.PathLike | None = None,
         revision: str | None = None,
         token: str | bool | None = None,
@@ -126,18 +204,35 @@ class HFGenHubMixin:
         force_download: bool = False,
         variant: str | None = None,
         use_safetensors: bool | None = None,
+        subfolder: str | None = None,
+        low_cpu_mem_usage: bool = True,
+        device_map: str | None = None,
+        dtype: torch.dtype | dict | None = None,
         **components: Any,
     ):
         """
-        Load a pipeline saved by ``save_pretrained`` from a folder or a Hub repo id, e.g.
-        ``HFGenPipeline.from_pretrained("user/repo", torch_dtype=torch.float16)``.
+        Load a pipeline from a folder or a Hub repo id: one saved by hfgen, or a diffusers ``DiTPipeline`` /
+        ``DDPMPipeline`` / ``DDIMPipeline`` (its transformer or U-Net becomes an hfgen denoiser), e.g.
+        ``HFGenPipeline.from_pretrained("facebook/DiT-XL-2-256", torch_dtype=torch.float16)``.
+
+        The arguments are diffusers': ``torch_dtype`` (or its alias ``dtype``; a dict gives one per component, with
+        "default" for the rest), ``variant``, ``revision``, ``subfolder`` (the pipeline's folder inside the repo),
+        ``low_cpu_mem_usage``, ``device_map`` (a device or "balanced").
 
         :param components: ready objects that replace saved components (``scheduler=DDIMScheduler(...)``, ``vae=None``).
         """
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"pass torch_dtype or its alias dtype, not both (got {torch_dtype} and {dtype})")
+        torch_dtype = dtype if dtype is not None else torch_dtype
         folder = resolve_pretrained_folder(
             pretrained_model_name_or_path, cache_dir, revision, token, local_files_only, force_download
         )
+        if subfolder:
+            folder = os.path.join(folder, subfolder)
+            if not os.path.isdir(folder):
+                raise ValueError(f"subfolder {subfolder!r} does not exist in {pretrained_model_name_or_path}")
         config = cls.load_config(folder)
+        check_variant_files(folder, config, variant)
         expected, _ = cls._get_signature_keys(cls)
         unknown = sorted(set(components) - set(expected))
         if unknown:
@@ -150,19 +245,37 @@ class HFGenHubMixin:
             if name in components:
                 init_kwargs[name] = components[name]
                 continue
-            entry = config.get(name)
+            source = cls._saved_component_name(config, name)
+            entry = config.get(source)
             if not entry or entry[0] is None:
                 if name in cls._optional_components:
                     init_kwargs[name] = None
                     continue
                 raise ValueError(f"{folder}/model_index.json has no entry for the required component {name!r}")
-            component_cls = component_class(*entry)
-            init_kwargs[name] = load_component(
-                component_cls, os.path.join(folder, name), torch_dtype, variant, use_safetensors
+            component = load_component(
+                component_class(*entry),
+                os.path.join(folder, source),
+                component_dtype(torch_dtype, name),
+                variant,
+                use_safetensors,
+                low_cpu_mem_usage,
             )
+            if source != name:
+                component = convert_denoiser(component)
+            logger.info(f"Loaded {name} as {type(component).__name__} from `{source}` subfolder of {folder}.")
+            init_kwargs[name] = component
         pipe = cls(**init_kwargs)
         pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        place_components(pipe, device_map)
         return pipe
+
+    @classmethod
+    def _saved_component_name(cls, config: dict, name: str) -> str:
+        """The model_index.json entry that holds component ``name``: itself, or for "denoiser" the "transformer" /
+        "unet" of a diffusers pipeline."""
+        if name == "denoiser" and name not in config:
+            return next((n for n in cls._diffusers_denoiser_names if n in config), name)
+        return name
 
     def save_pretrained(
         self,

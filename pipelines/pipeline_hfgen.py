@@ -127,6 +127,16 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
             )
         return labels, float(guidance_scale)
 
+    @staticmethod
+    def _default_batch_size(class_labels, generator, latents) -> int:
+        """The batch a call implies when ``batch_size`` is not given: one image per label, per generator or per row
+        of ``latents``, else 1."""
+        if class_labels is not None and torch.as_tensor(class_labels).numel() > 1:
+            return torch.as_tensor(class_labels).numel()
+        if isinstance(generator, list):
+            return len(generator)
+        return 1 if latents is None else len(latents)
+
     def _check_class_labels(self, class_labels, batch_size: int) -> torch.Tensor | None:
         """int, list or tensor -> (B,) long in [0, num_classes), or None."""
         if class_labels is None:
@@ -173,7 +183,7 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        batch_size: int = 1,
+        batch_size: int | None = None,
         num_inference_steps: int = 50,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -188,6 +198,8 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
         """
         Sample ``batch_size`` images.
 
+        :param batch_size: the number of images; default: as many as ``class_labels`` (as diffusers' DiTPipeline),
+            else as ``generator`` or ``latents`` give, else 1.
         :param generator: one generator, or one per image (image i then depends on generator i only).
         :param latents: the starting noise x_T (B, C, H, W), unscaled; drawn from ``generator`` when None.
         :param class_labels: one int or one per image, for a class-conditional denoiser.
@@ -202,6 +214,8 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
             "pred_original_sample" (x_0 hat). A returned dict with "latents" replaces x_{t'}.
         """
         # 1. check inputs
+        if batch_size is None:
+            batch_size = self._default_batch_size(class_labels, generator, latents)
         labels, guidance_scale = self.check_inputs(
             batch_size,
             num_inference_steps,

@@ -53,7 +53,8 @@ def check_attention_masks(
 
 class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
     """
-    :param denoiser: an hfgen denoiser with ``config.cross_attention_dim`` equal to the text encoder's hidden size;
+    :param denoiser: an hfgen denoiser with ``config.cross_attention_dim`` equal to the text encoder's hidden size
+        (or None, with ``scheduler=None``, for a pipeline that only runs ``encode_prompt``, as in diffusers);
         reads ``config.in_channels``, ``sample_size`` and ``downsample_factor``. Its output has ``in_channels``
         channels, or ``2 * in_channels`` (DiT ``learn_sigma``: prediction, variance).
     :param scheduler: an hfgen or diffusers scheduler (``set_timesteps``, ``step``, and ``scale_model_input`` where
@@ -77,12 +78,12 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
     def __init__(self, denoiser, scheduler, text_encoder, tokenizer, vae=None):
         super().__init__()
         text_dim = text_encoder.config.hidden_size
-        if denoiser.config.cross_attention_dim != text_dim:
+        if denoiser is not None and denoiser.config.cross_attention_dim != text_dim:
             raise ValueError(
                 f"denoiser.config.cross_attention_dim ({denoiser.config.cross_attention_dim}) must equal the text "
                 f"encoder's hidden_size ({text_dim})"
             )
-        if vae is not None and vae.config.latent_channels != denoiser.config.in_channels:
+        if vae is not None and denoiser is not None and vae.config.latent_channels != denoiser.config.in_channels:
             raise ValueError(
                 f"vae.config.latent_channels ({vae.config.latent_channels}) must equal the denoiser's "
                 f"config.in_channels ({denoiser.config.in_channels})"
@@ -318,6 +319,11 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
             "negative_prompt_embeds" replaces them.
         """
         # 1. check inputs
+        if self.denoiser is None or self.scheduler is None:
+            raise ValueError(
+                "this HFGenTextToImagePipeline has no denoiser or scheduler (built for encode_prompt only); "
+                "pass both to sample"
+            )
         default_size = self.denoiser.config.sample_size * self.vae_scale_factor
         height = default_size if height is None else height
         width = default_size if width is None else width
