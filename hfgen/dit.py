@@ -15,12 +15,15 @@ code) on ``F.scaled_dot_product_attention``; the optional cross-attention to tex
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
-from diffusers import ConfigMixin, ModelMixin
+from diffusers import ConfigMixin, DiTTransformer2DModel, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from . import convert_dit
 from .cards import HubCardMixin
 from .layers import (
     Attention,
@@ -84,9 +87,17 @@ class DiTBlock(nn.Module):
     :param num_heads: attention heads.
     :param mlp_ratio: MLP hidden width = mlp_ratio * D.
     :param context_dim: width of the text tokens for cross-attention; None: no cross-attention.
+    :param mlp_norm_eps: eps of the LayerNorm before the MLP (1e-6 in the paper's code; diffusers' DiT: 1e-5).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        context_dim: int | None = None,
+        mlp_norm_eps: float = 1e-6,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(hidden_size, num_heads)
@@ -94,7 +105,7 @@ class DiTBlock(nn.Module):
         if context_dim is not None:
             self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
             self.cross_attn = Attention(hidden_size, num_heads, context_dim=context_dim)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         # c -> (shift, scale, gate) for the attention branch and for the MLP branch
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -141,6 +152,13 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _to(model: ModelMixin, device: torch.device | str, dtype: torch.dtype) -> ModelMixin:
+    """``model.to(device, dtype)``, skipped when nothing changes (diffusers warns on every dtype ``to``)."""
+    if model.device != torch.device(device) or model.dtype != dtype:
+        model = model.to(device=device, dtype=dtype)
+    return model
+
+
 class DiTModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
     """
     Diffusion Transformer denoiser with the hfgen denoiser signature.
@@ -168,6 +186,9 @@ class DiTModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         cross_attention_dim: int | None = None,  # width of the text tokens; None: no text conditioning
         use_cross_attention: bool | None = None,  # cross-attention to the text tokens; None: on iff text is on
         learn_sigma: bool = False,  # also output the variance interpolation v (out_channels = 2 * in_channels)
+        pos_embed_columns_first: bool = False,  # True: position channels [column | row] as in the paper's code
+        freq_shift: float = 0.0,  # timestep frequencies 10000 ** (-k / (128 - freq_shift)); diffusers' DiT: 1
+        mlp_norm_eps: float = 1e-6,  # eps of the LayerNorm before each MLP; diffusers' DiT: its norm_eps, 1e-5
     ):
         super().__init__()
         expected_out = in_channels * (2 if learn_sigma else 1)
@@ -196,15 +217,19 @@ class DiTModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         # embedders
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         grid = sample_size // patch_size
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid, grid)[None], persistent=False)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        pos_embed = sincos_pos_embed_2d(hidden_size, grid, grid, columns_first=pos_embed_columns_first)[None]
+        self.register_buffer("pos_embed", pos_embed, persistent=False)  # (1, N, D)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=freq_shift)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes is not None else None
         self.text_pool_proj = nn.Linear(cross_attention_dim, hidden_size) if cross_attention_dim is not None else None
 
         # transformer
         context_dim = cross_attention_dim if use_cross_attention else None
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim=context_dim) for _ in range(depth)]
+            [
+                DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim=context_dim, mlp_norm_eps=mlp_norm_eps)
+                for _ in range(depth)
+            ]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
         self.initialize_weights()
@@ -284,7 +309,8 @@ class DiTModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         if self.pos_embed.shape[1] == grid_h * grid_w and grid_h == grid_w:
             pos = self.pos_embed  # (1, N, D)
         else:
-            pos = sincos_pos_embed_2d(x.shape[-1], grid_h, grid_w).to(x.device)[None]  # (1, N, D)
+            columns_first = self.config.pos_embed_columns_first
+            pos = sincos_pos_embed_2d(x.shape[-1], grid_h, grid_w, columns_first).to(x.device)[None]  # (1, N, D)
         x = x + pos.to(x.dtype)  # (B, N, D)
 
         # 3. transformer blocks
@@ -301,6 +327,81 @@ class DiTModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         if not return_dict:
             return (out,)
         return DenoiserOutput(sample=out)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Public DiT weights: the paper's models.py format and diffusers' DiT (the name mapping is in hfgen.convert_dit)
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_single_file(cls, path_or_state_dict: str | os.PathLike | dict, **overrides) -> DiTModel:
+        """
+        Load a checkpoint of facebookresearch/DiT ``models.py`` (``DiT-XL-2-256x256.pt``, ``DiT-XL-2-512x512.pt``).
+
+        The config comes from the tensors (depth, width, patch size, input size from ``pos_embed``, channels,
+        learn_sigma, num_classes = rows of the label table - 1), the heads from the paper's table by width (S 384: 6,
+        B 768: 12, L 1024: 16, XL 1152: 16). ``forward(x, t, class_labels=y)`` then equals the original
+        ``DiT.forward(x, t, y)`` (the null label ``num_classes`` included) to float32 rounding.
+
+        :param path_or_state_dict: a ``.pt`` / ``.pth`` file (read with ``torch.load(weights_only=True)``), a
+            ``.safetensors`` file, or the state dict itself.
+        :param overrides: ``num_heads`` (or ``num_attention_heads``), required for other widths; ``freq_shift`` and
+            ``mlp_norm_eps``; any other config key must agree with the tensors.
+        :return: the model in eval mode, in the checkpoint's dtype, on the CPU.
+        """
+        if isinstance(path_or_state_dict, dict):
+            state_dict, source = path_or_state_dict, "the state dict"
+        else:
+            state_dict, source = convert_dit.read_state_dict(path_or_state_dict), os.fspath(path_or_state_dict)
+        model = cls(**convert_dit.config_from_original(state_dict, overrides))
+        model._load_converted(convert_dit.hfgen_from_original(state_dict), source)
+        return _to(model, "cpu", state_dict["x_embedder.proj.weight"].dtype).eval()
+
+    def save_single_file(self, path: str | os.PathLike) -> None:
+        """
+        Write the weights in the format of facebookresearch/DiT ``models.py``: ``.safetensors`` by extension, else
+        ``torch.save`` of the state dict (``.pt``), which the paper's ``sample.py --ckpt`` loads. ``pos_embed`` is this
+        model's own table, so a model with ``pos_embed_columns_first=False`` runs there unchanged too.
+        """
+        state_dict = convert_dit.original_from_hfgen(self.state_dict(), self.pos_embed, self.config)
+        convert_dit.write_state_dict(state_dict, path)
+
+    @classmethod
+    def from_diffusers(cls, transformer: nn.Module) -> DiTModel:
+        """
+        Convert diffusers' ``DiTTransformer2DModel`` (or ``Transformer2DModel(norm_type="ada_norm_zero")``, e.g. the
+        ``transformer`` of a ``DiTPipeline``) to a DiTModel whose forward equals the transformer's forward (same
+        sample, timestep and class labels, the null label ``num_embeds_ada_norm`` included) to float32 rounding.
+
+        diffusers' DiT differs from the paper's code in two settings, which the config records: ``freq_shift=1``
+        (``Timesteps(downscale_freq_shift=1)``) and ``mlp_norm_eps`` = its ``norm_eps``.
+
+        :param transformer: the diffusers model; every block's ``norm1.emb`` must hold the same timestep and label
+            embedder (``ValueError`` otherwise), as in converted official checkpoints.
+        :return: a DiTModel on the transformer's device, in its dtype and train/eval mode.
+        """
+        config = convert_dit.config_from_diffusers(transformer)
+        model = cls(**config)
+        state_dict = convert_dit.hfgen_from_diffusers(transformer.state_dict(), config["depth"])
+        model._load_converted(state_dict, type(transformer).__name__)
+        weight = transformer.pos_embed.proj.weight
+        return _to(model, weight.device, weight.dtype).train(transformer.training)
+
+    def to_diffusers(self) -> DiTTransformer2DModel:
+        """The inverse of ``from_diffusers``: a ``diffusers.DiTTransformer2DModel`` (needs ``freq_shift=1``, the
+        column-first table, ``mlp_ratio=4`` and class labels; ``ValueError`` naming the setting otherwise)."""
+        transformer = DiTTransformer2DModel(**convert_dit.diffusers_config_from_hfgen(self.config))
+        state_dict = convert_dit.diffusers_from_hfgen(self.state_dict(), self.config.depth)
+        transformer.load_state_dict(state_dict, strict=True)
+        return _to(transformer, self.device, self.dtype).train(self.training)
+
+    def _load_converted(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        """Load converted weights; ``ValueError`` naming ``source`` and the tensors on a missing or extra name."""
+        result = self.load_state_dict(state_dict, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"{source} does not match a DiT of config {dict(self.config)}: missing {result.missing_keys[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

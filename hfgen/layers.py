@@ -41,10 +41,16 @@ class DenoiserOutput(BaseOutput):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of a 1-D tensor of (possibly fractional) timesteps: (B,) -> (B, dim), [cos | sin]."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
+    """
+    Sinusoidal features of a 1-D tensor of (possibly fractional) timesteps: (B,) -> (B, dim), [cos | sin].
+
+    Frequencies omega_k = max_period ** (-k / (dim / 2 - freq_shift)), k = 0 .. dim / 2 - 1: ``freq_shift`` = 0 as
+    in GLIDE and the DiT paper's code, 1 as in diffusers' ``Timesteps(downscale_freq_shift=1)`` of its DiT.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    arange = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(max_period) * arange / (half - freq_shift))  # (half,)
     args = t.float()[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
     if dim % 2:
@@ -53,15 +59,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class TimestepEmbedder(nn.Module):
-    """t (B,) -> sinusoidal features (B, frequency_dim) -> MLP -> (B, dim)."""
+    """t (B,) -> sinusoidal features (B, frequency_dim) -> MLP -> (B, dim); ``freq_shift`` as in timestep_embedding."""
 
-    def __init__(self, dim: int, frequency_dim: int = 256):
+    def __init__(self, dim: int, frequency_dim: int = 256, freq_shift: float = 0.0):
         super().__init__()
         self.frequency_dim = frequency_dim
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype)
+        emb = timestep_embedding(t, self.frequency_dim, freq_shift=self.freq_shift).to(self.mlp[0].weight.dtype)
         return self.mlp(emb)
 
 
@@ -116,10 +123,13 @@ class Attention(nn.Module):
         return self.to_out(out)
 
 
-def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, columns_first: bool = False) -> torch.Tensor:
     """
     Fixed 2-D sin-cos position embedding of a grid_h x grid_w token grid, row-major: (grid_h * grid_w, dim).
-    The first half of the channels encodes the row, the second half the column, each as [sin | cos].
+
+    Token n = i * grid_w + j (row i, column j) gets [E(i) | E(j)], or [E(j) | E(i)] with ``columns_first`` (the
+    layout of the DiT paper's code, MAE and diffusers' ``get_2d_sincos_pos_embed``: on a square grid, the transpose
+    of the default). E(p) = [sin(p omega) | cos(p omega)], omega_k = 10000 ** (-k / (dim / 4)), k = 0 .. dim / 4 - 1.
     """
     if dim % 4:
         raise ValueError(f"the token width must be divisible by 4 for the 2-D sin-cos position embedding, got {dim}")
@@ -129,7 +139,8 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     cols = torch.arange(grid_w, dtype=torch.float64)[:, None] * omega[None]  # (w, D/4)
     emb_rows = torch.cat([rows.sin(), rows.cos()], dim=1)[:, None, :].expand(grid_h, grid_w, dim // 2)  # (h, w, D/2)
     emb_cols = torch.cat([cols.sin(), cols.cos()], dim=1)[None, :, :].expand(grid_h, grid_w, dim // 2)  # (h, w, D/2)
-    return torch.cat([emb_rows, emb_cols], dim=-1).reshape(grid_h * grid_w, dim).float()  # (h * w, D)
+    halves = [emb_cols, emb_rows] if columns_first else [emb_rows, emb_cols]
+    return torch.cat(halves, dim=-1).reshape(grid_h * grid_w, dim).float()  # (h * w, D)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
