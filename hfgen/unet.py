@@ -1,7 +1,8 @@
 """
 U-Net denoiser (Ho et al. 2020; Nichol & Dhariwal 2021 "improved-diffusion"), laid out like diffusers' ``UNet2DModel``.
 
-Reading order: ResBlock, AttentionBlock, Downsample / Upsample, the levels, UNetModel, presets.
+Reading order: time features, ResBlock, AttentionBlock, Downsample / Upsample, the levels, UNetModel, conversion
+from diffusers, presets.
 
     sample (B, in, H, W) -> conv_in -> [down level: layers_per_block x (ResBlock [+ attention]), downsample] x L
                         -> middle: ResBlock, attention, ResBlock
@@ -9,14 +10,21 @@ Reading order: ResBlock, AttentionBlock, Downsample / Upsample, the levels, UNet
                         -> GroupNorm, SiLU, conv_out -> (B, out, H, W)
 
 The time embedding (plus an optional class embedding) modulates every ResBlock as a scale and shift after its second
-GroupNorm. Text tokens, when the model has ``cross_attention_dim``, enter by cross-attention after the self-attention
-of each attention level. The structure mirrors a diffusers ``UNet2DModel`` with the same ``block_out_channels``,
-``layers_per_block`` and attention placement: parameter counts agree to 0.01% with
-``resnet_time_scale_shift="scale_shift"``; against diffusers' default additive time embedding (a half-width projection)
-hfgen has 4% (unet-base) to 8% (unet-tiny) more.
+GroupNorm (improved-diffusion), or with ``time_scale_shift=False`` is added before it (DDPM). Text tokens, when the
+model has ``cross_attention_dim``, enter by cross-attention after the self-attention of each attention level. The
+structure mirrors a diffusers ``UNet2DModel`` with the same ``block_out_channels``, ``layers_per_block`` and
+attention placement: with the default ``time_scale_shift=True`` parameter counts agree to 0.01% with
+``resnet_time_scale_shift="scale_shift"``; against diffusers' default additive time embedding (a half-width
+projection) hfgen has 4% (unet-base) to 8% (unet-tiny) more, unless ``time_scale_shift=False``.
+
+``UNetModel.from_diffusers`` converts a ``UNet2DModel`` in the layout of the ``google/ddpm-*`` checkpoints (DDPM
+options: additive time embedding, [sin | cos] features with frequency shift 1, right/bottom padding before the
+stride-2 conv, GroupNorm eps 1e-6, one attention head).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +37,44 @@ from .layers import Attention, DenoiserOutput, TimestepEmbedder, check_denoiser_
 from .loading import SafeLoadingMixin
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Time features
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sinusoidal_time_features(
+    t: torch.Tensor, dim: int, sin_first: bool = False, freq_shift: float = 0.0, max_period: float = 10000.0
+) -> torch.Tensor:
+    """
+    Sinusoidal features of 1-D (possibly fractional) timesteps (Vaswani et al. 2017; DDPM appendix B): (B,) -> (B, dim).
+
+    With half = dim // 2 and k = 0..half-1 the frequencies are omega_k = max_period ** (-k / (half - freq_shift));
+    the features are [sin(t omega) | cos(t omega)] if ``sin_first`` else [cos | sin], zero-padded when dim is odd.
+    ``sin_first=False, freq_shift=0`` is ``hfgen.layers.timestep_embedding``; ``True, 1`` is the DDPM code's.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift)
+    args = t.float()[:, None] * torch.exp(exponent)[None]  # (B, half)
+    first, second = (torch.sin(args), torch.cos(args)) if sin_first else (torch.cos(args), torch.sin(args))
+    emb = torch.cat([first, second], dim=-1)  # (B, 2 * half)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class UNetTimestepEmbedder(TimestepEmbedder):
+    """t (B,) -> sinusoidal features (B, frequency_dim) in the U-Net's order and spacing -> MLP -> (B, dim)."""
+
+    def __init__(self, dim: int, frequency_dim: int, sin_first: bool, freq_shift: float):
+        super().__init__(dim, frequency_dim)
+        self.sin_first = sin_first
+        self.freq_shift = freq_shift
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = sinusoidal_time_features(t, self.frequency_dim, self.sin_first, self.freq_shift)  # (B, frequency_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (B, dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Blocks
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -36,20 +82,35 @@ from .loading import SafeLoadingMixin
 class ResBlock(nn.Module):
     """
     GroupNorm, SiLU, conv 3x3, GroupNorm * (1 + scale) + shift, SiLU, dropout, conv 3x3; plus a (1x1 conv) skip.
+    With ``scale_shift=False`` (DDPM) the time embedding is added instead: GroupNorm(h + Linear(emb)).
 
     :param in_channels: channels of the input [N x in_channels x H x W].
     :param out_channels: channels of the output [N x out_channels x H x W].
-    :param time_embed_dim: width of the (already SiLU-activated) time embedding that gives scale and shift.
+    :param time_embed_dim: width of the (already SiLU-activated) time embedding that gives scale and shift (or the
+        added bias).
     :param norm_num_groups: GroupNorm groups; both channel counts must divide by it.
     :param dropout: dropout probability before the last conv.
+    :param eps: epsilon of both GroupNorms.
+    :param scale_shift: True: the time embedding gives scale and shift after norm2 (AdaGN, improved-diffusion);
+        False: it is added before norm2 (DDPM).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, time_embed_dim: int, norm_num_groups: int, dropout: float):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        time_embed_dim: int,
+        norm_num_groups: int,
+        dropout: float,
+        eps: float = 1e-5,
+        scale_shift: bool = True,
+    ):
         super().__init__()
-        self.norm1 = nn.GroupNorm(norm_num_groups, in_channels)
+        self.scale_shift = scale_shift
+        self.norm1 = nn.GroupNorm(norm_num_groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_proj = nn.Linear(time_embed_dim, 2 * out_channels)
-        self.norm2 = nn.GroupNorm(norm_num_groups, out_channels)
+        self.time_proj = nn.Linear(time_embed_dim, (2 if scale_shift else 1) * out_channels)
+        self.norm2 = nn.GroupNorm(norm_num_groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)  # zero-initialised in initialize_weights
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -57,8 +118,11 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """:param x: (B, C_in, H, W). :param emb: SiLU(time embedding) (B, E). :return: (B, C_out, H, W)."""
         h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
-        scale, shift = self.time_proj(emb)[:, :, None, None].chunk(2, dim=1)  # 2 x (B, C_out, 1, 1)
-        h = self.norm2(h) * (1 + scale) + shift  # (B, C_out, H, W)
+        if self.scale_shift:
+            scale, shift = self.time_proj(emb)[:, :, None, None].chunk(2, dim=1)  # 2 x (B, C_out, 1, 1)
+            h = self.norm2(h) * (1 + scale) + shift  # (B, C_out, H, W)
+        else:
+            h = self.norm2(h + self.time_proj(emb)[:, :, None, None])  # (B, C_out, H, W)
         h = self.conv2(self.dropout(F.silu(h)))  # (B, C_out, H, W)
         return self.skip(x) + h
 
@@ -71,11 +135,19 @@ class AttentionBlock(nn.Module):
     :param num_heads: attention heads.
     :param norm_num_groups: GroupNorm groups of the pre-attention norm.
     :param cross_attention_dim: width of the text tokens; None: self-attention only.
+    :param eps: epsilon of the pre-attention GroupNorm.
     """
 
-    def __init__(self, channels: int, num_heads: int, norm_num_groups: int, cross_attention_dim: int | None = None):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        norm_num_groups: int,
+        cross_attention_dim: int | None = None,
+        eps: float = 1e-5,
+    ):
         super().__init__()
-        self.norm = nn.GroupNorm(norm_num_groups, channels)
+        self.norm = nn.GroupNorm(norm_num_groups, channels, eps=eps)
         self.attn = Attention(channels, num_heads)
         self.norm_cross = None
         self.cross_attn = None
@@ -104,13 +176,23 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a strided 3x3 conv: (B, C, H, W) -> (B, C, H/2, W/2)."""
+    """
+    Halve H and W with a strided 3x3 conv: (B, C, H, W) -> (B, C, H/2, W/2).
 
-    def __init__(self, channels: int):
+    :param padding: 1: one zero row/column on every side; 0: one on the right and bottom only (the DDPM code's
+        TensorFlow "SAME" padding for stride 2).
+    """
+
+    def __init__(self, channels: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if padding not in (0, 1):
+            raise ValueError(f"padding must be 0 or 1, got {padding}")
+        self.pad_right_bottom = padding == 0
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_right_bottom:
+            x = F.pad(x, (0, 1, 0, 1))  # (B, C, H + 1, W + 1)
         return self.conv(x)
 
 
@@ -161,11 +243,17 @@ class UNetModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         block_out_channels: tuple[int, ...] = (64, 128, 256),  # channels per level, level 0 = full resolution
         layers_per_block: int = 2,  # ResBlocks per encoder level (the decoder has one more per level)
         attention_levels: tuple[bool, ...] = (False, True, True),  # self-attention at each level, same length as above
-        attention_head_dim: int = 32,  # channels per attention head (heads = channels // attention_head_dim)
+        attention_head_dim: int | None = 32,  # channels per head (heads = channels // it); None: one head (DDPM)
         norm_num_groups: int = 32,  # GroupNorm groups; every entry of block_out_channels must divide by it
         dropout: float = 0.0,  # dropout inside each ResBlock
         num_classes: int | None = None,  # class-conditional with this many classes (+1 null label); None: off
         cross_attention_dim: int | None = None,  # width of text tokens for cross-attention; None: no text
+        time_sin_first: bool = False,  # time features [sin | cos] (DDPM) instead of [cos | sin] (improved-diffusion)
+        time_freq_shift: float = 0.0,  # frequencies 10000 ** (-k / (half - shift)), k < half: 1 in DDPM, 0 here
+        time_scale_shift: bool = True,  # ResBlocks: time as scale and shift after norm2 (AdaGN); False: added (DDPM)
+        downsample_padding: int = 1,  # stride-2 conv: 1 pads every side; 0 pads right and bottom by one (DDPM)
+        norm_eps: float = 1e-5,  # epsilon of every GroupNorm (DDPM: 1e-6)
+        up_attention_levels: tuple[bool, ...] | None = None,  # decoder self-attention per level; None: attention_levels
     ):
         super().__init__()
         block_out_channels = tuple(block_out_channels)
@@ -175,6 +263,14 @@ class UNetModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         if len(attention_levels) != len(block_out_channels):
             raise ValueError(
                 f"attention_levels must have one entry per level ({len(block_out_channels)}), got {attention_levels}"
+            )
+        # the decoder attends where the encoder does, unless told otherwise (diffusers' google/ddpm-cifar10-32
+        # attends at 16x16 going down and at 8x8 going up)
+        up_attention = attention_levels if up_attention_levels is None else tuple(bool(a) for a in up_attention_levels)
+        if len(up_attention) != len(block_out_channels):
+            raise ValueError(
+                f"up_attention_levels must be None or have one entry per level ({len(block_out_channels)}), "
+                f"got {up_attention_levels}"
             )
         if layers_per_block < 1:
             raise ValueError(f"layers_per_block must be >= 1, got {layers_per_block}")
@@ -186,7 +282,10 @@ class UNetModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
                 )
         for i, ch in enumerate(block_out_channels):
             # the middle block (at the last level) always has attention
-            if (attention_levels[i] or i == len(block_out_channels) - 1) and ch % attention_head_dim:
+            attends = attention_levels[i] or up_attention[i] or i == len(block_out_channels) - 1
+            if attention_head_dim is None or not attends:
+                continue
+            if attention_head_dim < 1 or ch % attention_head_dim:
                 raise ValueError(
                     f"channels of attention levels and of the last level must be divisible by attention_head_dim "
                     f"({attention_head_dim}), got {ch} at level {i}"
@@ -202,19 +301,29 @@ class UNetModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
             raise ValueError(f"cross_attention_dim must be None or >= 1, got {cross_attention_dim}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not 0.0 <= time_freq_shift < block_out_channels[0] // 2:
+            raise ValueError(
+                f"time_freq_shift must be in [0, block_out_channels[0] // 2 = {block_out_channels[0] // 2}), "
+                f"got {time_freq_shift}"
+            )
+        if downsample_padding not in (0, 1):
+            raise ValueError(f"downsample_padding must be 0 or 1, got {downsample_padding}")
+        if not norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {norm_eps}")
 
         ch0 = block_out_channels[0]
         time_embed_dim = 4 * ch0
         groups = norm_num_groups
 
         def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, time_embed_dim, groups, dropout)
+            return ResBlock(cin, cout, time_embed_dim, groups, dropout, norm_eps, time_scale_shift)
 
         def attn(ch: int) -> AttentionBlock:
-            return AttentionBlock(ch, ch // attention_head_dim, groups, cross_attention_dim)
+            heads = 1 if attention_head_dim is None else ch // attention_head_dim
+            return AttentionBlock(ch, heads, groups, cross_attention_dim, norm_eps)
 
         # embeddings: t -> sinusoid (ch0) -> MLP (4 * ch0); labels -> table of num_classes + 1 rows (last = null)
-        self.time_embed = TimestepEmbedder(time_embed_dim, frequency_dim=ch0)
+        self.time_embed = UNetTimestepEmbedder(time_embed_dim, ch0, time_sin_first, time_freq_shift)
         self.class_embed = nn.Embedding(num_classes + 1, time_embed_dim) if num_classes is not None else None
 
         self.conv_in = nn.Conv2d(in_channels, ch0, 3, padding=1)
@@ -232,7 +341,8 @@ class UNetModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
                 ch = out_ch
                 skip_channels.append(ch)
             is_last = i == len(block_out_channels) - 1
-            self.down_levels.append(Level(resnets, attentions, None if is_last else Downsample(ch)))
+            down = None if is_last else Downsample(ch, downsample_padding)
+            self.down_levels.append(Level(resnets, attentions, down))
             if not is_last:
                 skip_channels.append(ch)
 
@@ -244,7 +354,7 @@ class UNetModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         # decoder: each ResBlock consumes one skip
         self.up_levels = nn.ModuleList()
         for i in reversed(range(len(block_out_channels))):
-            out_ch, has_attn = block_out_channels[i], attention_levels[i]
+            out_ch, has_attn = block_out_channels[i], up_attention[i]
             resnets, attentions = [], []
             for _ in range(layers_per_block + 1):
                 resnets.append(res(ch + skip_channels.pop(), out_ch))
@@ -253,7 +363,7 @@ class UNetModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
                 ch = out_ch
             self.up_levels.append(Level(resnets, attentions, Upsample(ch) if i > 0 else None))
 
-        self.norm_out = nn.GroupNorm(groups, ch0)
+        self.norm_out = nn.GroupNorm(groups, ch0, eps=norm_eps)
         self.conv_out = nn.Conv2d(ch0, out_channels, 3, padding=1)
 
         self.gradient_checkpointing = False
@@ -349,6 +459,157 @@ class UNetModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         if not return_dict:
             return (out,)
         return DenoiserOutput(sample=out)
+
+    @classmethod
+    def from_diffusers(cls, unet: nn.Module) -> UNetModel:
+        """
+        Convert a diffusers ``UNet2DModel`` (e.g. from ``google/ddpm-cifar10-32``) into a ``UNetModel`` that computes
+        the same function: the config is translated, every weight copied by name, dtype, device and train/eval mode
+        kept. Supported: down blocks ``DownBlock2D`` / ``AttnDownBlock2D``, up blocks ``UpBlock2D`` /
+        ``AttnUpBlock2D`` (at any levels), ``UNetMidBlock2D``, positional time embedding, no class embedding.
+
+        :param unet: a ``diffusers.UNet2DModel``.
+        :raises ValueError: naming the config value that hfgen cannot represent, or a weight that does not map.
+        """
+        model = cls(**_config_from_diffusers(unet.config))
+        state = _state_dict_from_diffusers(unet.state_dict(), model.state_dict())
+        # assign: the parameters become copies of diffusers' tensors, in their dtype and on their device
+        model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+        return model.train(unet.training)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Conversion from diffusers' UNet2DModel
+# ----------------------------------------------------------------------------------------------------------------------
+
+_DOWN_BLOCK_ATTENDS = {"DownBlock2D": False, "AttnDownBlock2D": True}
+_UP_BLOCK_ATTENDS = {"UpBlock2D": False, "AttnUpBlock2D": True}
+
+# diffusers config keys with a restricted range -> the values UNetModel can represent
+_DIFFUSERS_FIXED = {
+    "center_input_sample": (False,),
+    "time_embedding_type": ("positional",),
+    "mid_block_type": ("UNetMidBlock2D",),
+    "mid_block_scale_factor": (1, 1.0),
+    "downsample_type": ("conv",),
+    "upsample_type": ("conv",),
+    "act_fn": ("silu", "swish"),
+    "resnet_time_scale_shift": ("default", "scale_shift"),
+    "add_attention": (True,),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "downsample_padding": (0, 1),
+}
+
+# diffusers parameter name pieces -> hfgen's, applied in this order
+_DIFFUSERS_RENAMES = (
+    ("time_embedding.linear_1.", "time_embed.mlp.0."),
+    ("time_embedding.linear_2.", "time_embed.mlp.2."),
+    ("conv_norm_out.", "norm_out."),
+    ("mid_block.resnets.0.", "mid_res1."),
+    ("mid_block.resnets.1.", "mid_res2."),
+    ("mid_block.attentions.0.", "mid_attn."),
+    ("down_blocks.", "down_levels."),
+    ("up_blocks.", "up_levels."),
+    (".downsamplers.0.", ".resample."),
+    (".upsamplers.0.", ".resample."),
+    (".time_emb_proj.", ".time_proj."),
+    (".conv_shortcut.", ".skip."),
+    (".group_norm.", ".norm."),
+    (".to_q.", ".attn.to_q."),
+    (".to_k.", ".attn.to_k."),
+    (".to_v.", ".attn.to_v."),
+    (".to_out.0.", ".attn.to_out."),
+)
+
+
+def _config_from_diffusers(cfg) -> dict:
+    """UNet2DModel config -> UNetModel keyword arguments; ValueError naming any value hfgen cannot represent."""
+    for key, allowed in _DIFFUSERS_FIXED.items():
+        value = cfg.get(key, allowed[0])
+        if value not in allowed:
+            raise ValueError(f"UNet2DModel {key}={value!r} is not supported by UNetModel (supported: {allowed})")
+    channels = tuple(cfg["block_out_channels"])
+    if cfg.get("time_embedding_dim") not in (None, 4 * channels[0]):
+        raise ValueError(
+            f"UNet2DModel time_embedding_dim={cfg['time_embedding_dim']} is not supported by UNetModel "
+            f"(supported: None or 4 * block_out_channels[0] = {4 * channels[0]})"
+        )
+    groups = cfg["norm_num_groups"]
+    # with scale_shift, diffusers' middle attention has a GroupNorm only if attn_norm_num_groups asks; hfgen's has one
+    attn_groups = cfg.get("attn_norm_num_groups")
+    needed = (None, groups) if cfg.get("resnet_time_scale_shift", "default") == "default" else (groups,)
+    if attn_groups not in needed:
+        raise ValueError(
+            f"UNet2DModel attn_norm_num_groups={attn_groups!r} with resnet_time_scale_shift="
+            f"{cfg.get('resnet_time_scale_shift')!r} is not supported by UNetModel (supported: {needed})"
+        )
+    return {
+        "sample_size": _square_sample_size(cfg["sample_size"]),
+        "in_channels": cfg["in_channels"],
+        "out_channels": cfg["out_channels"],
+        "block_out_channels": channels,
+        "layers_per_block": cfg["layers_per_block"],
+        **_attention_levels(cfg["down_block_types"], cfg["up_block_types"]),
+        "attention_head_dim": cfg["attention_head_dim"],  # None in both: one head over all channels
+        "norm_num_groups": groups,
+        "dropout": cfg.get("dropout", 0.0),
+        "time_sin_first": not cfg["flip_sin_to_cos"],
+        "time_freq_shift": float(cfg["freq_shift"]),
+        "time_scale_shift": cfg.get("resnet_time_scale_shift", "default") == "scale_shift",
+        "downsample_padding": cfg["downsample_padding"],
+        "norm_eps": cfg["norm_eps"],
+    }
+
+
+def _square_sample_size(sample_size) -> int:
+    """diffusers' sample_size (an int or (H, W)) -> hfgen's int H = W."""
+    if isinstance(sample_size, int):
+        return sample_size
+    if len(sample_size) == 2 and sample_size[0] == sample_size[1]:
+        return int(sample_size[0])
+    raise ValueError(f"UNet2DModel sample_size={sample_size!r} is not supported by UNetModel (it needs H = W)")
+
+
+def _attention_levels(down_block_types, up_block_types) -> dict:
+    """Block class names -> which levels attend: ``attention_levels`` and, where the up blocks do not mirror the down
+    blocks, ``up_attention_levels`` (level 0 = full resolution; diffusers lists the up blocks from the lowest)."""
+    for key, types, known in (
+        ("down_block_types", down_block_types, _DOWN_BLOCK_ATTENDS),
+        ("up_block_types", up_block_types, _UP_BLOCK_ATTENDS),
+    ):
+        for name in types:
+            if name not in known:
+                raise ValueError(f"UNet2DModel {key} entry {name!r} is not supported by UNetModel (supported: {known})")
+    down = tuple(_DOWN_BLOCK_ATTENDS[name] for name in down_block_types)
+    up = tuple(_UP_BLOCK_ATTENDS[name] for name in reversed(up_block_types))
+    return {"attention_levels": down, "up_attention_levels": None if up == down else up}
+
+
+def _hfgen_key(diffusers_key: str) -> str:
+    """A UNet2DModel parameter name -> the UNetModel parameter it fills."""
+    key = diffusers_key
+    for old, new in _DIFFUSERS_RENAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def _state_dict_from_diffusers(theirs: dict, ours: dict) -> dict:
+    """Rename a UNet2DModel state dict for UNetModel; ValueError on a missing or unexpected key or a shape mismatch."""
+    state = {_hfgen_key(k): v for k, v in theirs.items()}
+    unexpected = sorted(k for k in theirs if _hfgen_key(k) not in ours)
+    missing = sorted(set(ours) - set(state))
+    if unexpected or missing:
+        raise ValueError(
+            f"UNet2DModel weights do not map onto UNetModel: unexpected {unexpected[:5]}, missing {missing[:5]}"
+        )
+    for key, value in state.items():
+        if value.shape != ours[key].shape:
+            raise ValueError(
+                f"UNet2DModel weight for {key} has shape {tuple(value.shape)}, UNetModel expects "
+                f"{tuple(ours[key].shape)}"
+            )
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------------

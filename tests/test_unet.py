@@ -1,5 +1,7 @@
 """UNetModel: tiny real models, each test a fraction of a second to a few seconds on CPU."""
 
+import json
+
 import diffusers
 import pytest
 import torch
@@ -341,6 +343,11 @@ def test_parameter_count_matches_diffusers(name):
         ({"sample_size": 15}, "sample_size"),
         ({"num_classes": 0}, "num_classes"),
         ({"dropout": 1.0}, "dropout"),
+        ({"time_freq_shift": 8}, "time_freq_shift"),
+        ({"downsample_padding": 2}, "downsample_padding"),
+        ({"norm_eps": 0.0}, "norm_eps"),
+        ({"up_attention_levels": (True,)}, "up_attention_levels"),
+        ({"attention_head_dim": 32, "up_attention_levels": (True, False)}, "attention_head_dim"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -371,3 +378,68 @@ def test_bad_forward_inputs():
         conditional(x, t, encoder_hidden_states=torch.randn(2, 3, 9))
     with pytest.raises(ValueError, match="encoder_attention_mask"):
         conditional(x, t, encoder_hidden_states=torch.randn(2, 3, 8), encoder_attention_mask=torch.ones(2, 4))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Regression: the default configuration computes what it computed before the DDPM options were added
+# ----------------------------------------------------------------------------------------------------------------------
+
+# out[:, :, 5, 3:7] of the model below, recorded with hfgen/unet.py before the DDPM layout options existed
+_REFERENCE_SLICE = [
+    [
+        [0.52311385, 0.54351687, 0.55262065, 0.13478954],
+        [-0.13657127, -0.25639415, 0.16919906, 0.065245941],
+        [-0.33357015, -0.45181596, -0.2658762, -0.25195435],
+    ],
+    [
+        [0.38178408, 0.48154944, 0.52566326, 0.69554651],
+        [0.2338617, 0.19213414, -0.29414976, -0.0033027977],
+        [-0.23721892, -0.15621415, -0.28573558, -0.42550981],
+    ],
+]
+
+
+def _reference_model_and_output(model: UNetModel | None = None) -> tuple[UNetModel, torch.Tensor]:
+    model = model or randomize(make_unet(layers_per_block=2, num_classes=3, cross_attention_dim=8), seed=5)
+    x, t = inputs()
+    text = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(x, t, class_labels=torch.tensor([0, 3]), encoder_hidden_states=text).sample
+    return model, out
+
+
+def test_default_config_output_unchanged():
+    _, out = _reference_model_and_output()
+    # recorded on one CPU; another CPU's conv/matmul blockings move float32 sums by a few tens of eps of the output's
+    # magnitude (~1), while any change of the computation (sin/cos order, eps, time modulation) moves it by far more
+    assert_close_float32(out[:, :, 5, 3:7], torch.tensor(_REFERENCE_SLICE), num_eps=512)
+
+
+def test_default_layout_is_improved_diffusion():
+    """The defaults the stored slice above is too coarse to see: GroupNorm eps 1e-5 and 32 channels per head."""
+    model = UNetModel(block_out_channels=(32, 64), attention_levels=(False, True), norm_num_groups=8)
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-5}
+    assert [m.attn.num_heads for m in model.modules() if isinstance(m, AttentionBlock)] == [2] * 6
+
+
+NEW_KEYS = (
+    "time_sin_first",
+    "time_freq_shift",
+    "time_scale_shift",
+    "downsample_padding",
+    "norm_eps",
+    "up_attention_levels",
+)
+
+
+def test_config_saved_before_the_ddpm_options_loads_unchanged(tmp_path):
+    model, out = _reference_model_and_output()
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    assert all(key in config for key in NEW_KEYS)
+    config_path.write_text(json.dumps({k: v for k, v in config.items() if k not in NEW_KEYS}))
+    loaded = UNetModel.from_pretrained(tmp_path).eval()
+    assert [loaded.config[key] for key in NEW_KEYS] == [False, 0.0, True, 1, 1e-5, None]
+    _, again = _reference_model_and_output(loaded)
+    assert torch.equal(again, out)
