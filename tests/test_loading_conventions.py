@@ -97,3 +97,16 @@ def test_a_text_pipeline_without_denoiser_encodes_prompts(tmp_path):
         pipe("a red circle")
     vae = VAEModel(**AUTOENCODER_PRESETS["ae-tiny"], sample_size=16)  # a VAE alone needs no denoiser either
     assert HFGenTextToImagePipeline(None, None, encoder, tokenizer, vae=vae).vae is vae
+
+
+def test_models_take_the_same_loading_arguments(tmp_path):
+    from hfgen import UNetModel
+
+    pipe, folder = saved(tmp_path, variant="fp16")
+    model = UNetModel.from_pretrained(folder, subfolder="denoiser", variant="fp16", dtype=torch.float16,
+                                      device_map="cpu", low_cpu_mem_usage=False)  # fmt: skip
+    assert model.dtype == torch.float16 and model.device.type == "cpu"
+    expected = {k: v.half() for k, v in pipe.denoiser.state_dict().items()}
+    torch.testing.assert_close(model.state_dict(), expected, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match=r"diffusion_pytorch_model\.bf16\.safetensors"):
+        UNetModel.from_pretrained(folder, subfolder="denoiser", variant="bf16")
