@@ -104,7 +104,10 @@ def test_models_take_the_same_loading_arguments(tmp_path):
 
     pipe, folder = saved(tmp_path, variant="fp16")
     model = UNetModel.from_pretrained(folder, subfolder="denoiser", variant="fp16", dtype=torch.float16,
-                                      device_map="cpu", low_cpu_mem_usage=False)  # fmt: skip
+                                      device_map="cpu")  # fmt: skip
+    assert UNetModel.from_pretrained(folder, subfolder="denoiser", variant="fp16", low_cpu_mem_usage=False).dtype == (
+        torch.float32
+    )
     assert model.dtype == torch.float16 and model.device.type == "cpu"
     expected = {k: v.half() for k, v in pipe.denoiser.state_dict().items()}
     torch.testing.assert_close(model.state_dict(), expected, rtol=0, atol=0)
