@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_rin import randomize_zero_init
 from tolerances import assert_close_float32
 
 from hfgen import DIT_PRESETS, RIN_PRESETS, DiTModel, RINModel
@@ -134,14 +135,6 @@ DIT_NON_SQUARE_SLICE = [
     -0.26389664,
 ]
 RIN_SLICE = [-0.31579262, -0.16120274, -0.2079398, -0.12471246, -0.38344055, -0.1062895, -0.42198247, -0.11971432]
-
-
-def randomize_zero_init(model: torch.nn.Module, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
 def old_inputs(h, w):

@@ -70,15 +70,6 @@ SMALL = {
 TIMESTEPS = torch.tensor([0, 1, 500, 999])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny convs gain nothing from threads, and on a shared, busy CPU two threads spin-wait each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_unet(layout: dict, seed: int = 0, **overrides) -> diffusers.UNet2DModel:
     """A UNet2DModel with every parameter random and non-zero: matrices ~ N(0, 1/fan_in), so activations stay O(1)
     through the depth, norm scales 1 + N(0, 0.2^2), biases N(0, 0.2^2)."""
