@@ -98,7 +98,16 @@ OBJECTIVES = train_diffusion.OBJECTIVES  # ("diffusion", "flow_matching")
 OBJECTIVE_FLAGS = {
     # the noise schedule, prediction type and loss weights of diffusion; train_diffusion refuses the last two with
     # flow matching, which draws sigma logit-normal(0, 1) and regresses the velocity eps - x0 unweighted (its defaults)
-    "diffusion": ["--beta_schedule", "squaredcos_cap_v2", "--prediction_type", "v_prediction", "--snr_gamma", "5"],
+    "diffusion": [
+        "--objective",
+        "diffusion",
+        "--beta_schedule",
+        "squaredcos_cap_v2",
+        "--prediction_type",
+        "v_prediction",
+        "--snr_gamma",
+        "5",
+    ],  # fmt: skip
     "flow_matching": ["--objective", "flow_matching"],
 }
 COMMON_FLAGS = [

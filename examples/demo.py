@@ -82,7 +82,6 @@ def main(args: argparse.Namespace) -> dict:
         "--conditioning", "text", "--text_encoder", str(clip_dir), *exclude,
         "--max_train_steps", str(args.diffusion_steps), "--learning_rate", "2e-3", "--lr_warmup_steps", "100",
         "--train_batch_size", "32", "--adam_beta2", "0.99",
-        "--prediction_type", "v_prediction", "--beta_schedule", "squaredcos_cap_v2", "--snr_gamma", "5",
         "--use_ema", "--ema_max_decay", "0.999", "--checkpointing_steps", "1000000", "--report_to", "none",
         "--num_inference_steps", str(args.num_inference_steps), "--num_validation_images", "8",
         "--guidance_scale", str(args.guidance_scale), "--validation_prompts", *PROMPTS[:4],

@@ -22,6 +22,7 @@ TINY = [
     "--model", "unet", "--model_config", "unet-tiny", "--resolution", "16", "--shapes_num_images", "32",
     "--train_batch_size", "4", "--num_inference_steps", "2", "--num_validation_images", "2", "--report_to", "none",
     "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2", "--learning_rate", "1e-3",
+    "--objective", "diffusion",  # the DDPM objective here; tests/test_flow_matching.py runs the default, flow matching
 ]  # fmt: skip
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -127,6 +128,7 @@ def test_label_dropout_sends_the_null_label_and_the_defaults_are_the_issues(tmp_
 
     defaults = parse_args(["--output_dir", str(tmp_path)])
     assert defaults.cond_dropout == 0.1 and defaults.self_cond_prob == 0.9  # 10% label dropout, RIN's 0.9
+    assert defaults.objective == "flow_matching" and defaults.prediction_type is None  # the measured better one
     seen = []
     forward = UNetModel.forward
 
