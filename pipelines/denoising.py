@@ -202,9 +202,10 @@ def pred_original_sample(scheduler, model_output: torch.Tensor, t: torch.Tensor,
             f"{type(scheduler).__name__} returns no pred_original_sample and has no alphas_cumprod; "
             "drop 'pred_original_sample' from callback_on_step_end_tensor_inputs"
         )
-    alpha_bar = float(alphas_cumprod[int(t)])
+    timestep = torch.tensor([int(t)])
+    alpha, sigma = objectives.diffusion_coefficients(alphas_cumprod, timestep, sample.ndim)  # (1, 1, 1, 1) each
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    x0 = objectives.predicted_x0(pred, sample, alpha_bar**0.5, (1 - alpha_bar) ** 0.5, prediction_type)
+    x0 = objectives.predicted_x0(pred, sample, alpha.to(sample.device), sigma.to(sample.device), prediction_type)
     return x0.to(sample.dtype)
 
 

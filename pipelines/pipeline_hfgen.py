@@ -131,8 +131,9 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
     def _default_batch_size(class_labels, generator, latents) -> int:
         """The batch a call implies when ``batch_size`` is not given: one image per label, per generator or per row
         of ``latents``, else 1."""
-        if class_labels is not None and torch.as_tensor(class_labels).numel() > 1:
-            return torch.as_tensor(class_labels).numel()
+        num_labels = 0 if class_labels is None else torch.as_tensor(class_labels).numel()
+        if num_labels > 1:
+            return num_labels
         if isinstance(generator, list):
             return len(generator)
         return 1 if latents is None else len(latents)
@@ -162,13 +163,11 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
         return labels.long()
 
     def _conditioning(self, labels: torch.Tensor | None, batch_size: int, guidance_scale: float, device) -> dict:
-        """The denoiser's label input for one pass: [cond; null] (2B,) under guidance, the null label for unconditional
-        sampling of a class-conditional denoiser, nothing for an unconditional one."""
-        num_classes = self.denoiser.config.num_classes
-        if num_classes is None:
+        """The denoiser's label input for one pass: [cond; null] (2B,) under guidance, the labels alone without it,
+        nothing without labels (a class-conditional denoiser then takes the null label itself, as in training)."""
+        if labels is None:  # check_inputs refuses guidance without labels
             return {}
-        if labels is None:
-            labels = null_class_labels(batch_size, num_classes)
+        num_classes = self.denoiser.config.num_classes
         cond = {"class_labels": labels.to(device)}
         if guidance_enabled(guidance_scale):
             cond = stack_conditions(cond, {"class_labels": null_class_labels(batch_size, num_classes, device)})
