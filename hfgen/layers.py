@@ -41,35 +41,40 @@ class DenoiserOutput(BaseOutput):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
+def timestep_embedding(
+    t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0, sin_first: bool = False
+) -> torch.Tensor:
     """
-    Sinusoidal features of a 1-D tensor of (possibly fractional) timesteps: (B,) -> (B, dim), [cos | sin].
+    Sinusoidal features of a 1-D tensor of (possibly fractional) timesteps: (B,) -> (B, dim), [cos | sin], or
+    [sin | cos] with ``sin_first`` (the DDPM code's order), zero-padded when dim is odd.
 
     Frequencies omega_k = max_period ** (-k / (dim / 2 - freq_shift)), k = 0 .. dim / 2 - 1: ``freq_shift`` = 0 as
-    in GLIDE and the DiT paper's code, 1 as in diffusers' ``Timesteps(downscale_freq_shift=1)`` of its DiT.
+    in GLIDE and the DiT paper's code, 1 as in diffusers' ``Timesteps(downscale_freq_shift=1)`` of its DiT and DDPM.
     """
     half = dim // 2
     arange = torch.arange(half, device=t.device, dtype=torch.float32)
     freqs = torch.exp(-math.log(max_period) * arange / (half - freq_shift))  # (half,)
     args = t.float()[:, None] * freqs[None]  # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
+    first, second = (torch.sin(args), torch.cos(args)) if sin_first else (torch.cos(args), torch.sin(args))
+    emb = torch.cat([first, second], dim=-1)  # (B, 2 * half)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
 
 
 class TimestepEmbedder(nn.Module):
-    """t (B,) -> sinusoidal features (B, frequency_dim) -> MLP -> (B, dim); ``freq_shift`` as in timestep_embedding."""
+    """t (B,) -> sinusoidal features (B, frequency_dim) -> MLP -> (B, dim); ``freq_shift`` and ``sin_first`` as in
+    timestep_embedding."""
 
-    def __init__(self, dim: int, frequency_dim: int = 256, freq_shift: float = 0.0):
+    def __init__(self, dim: int, frequency_dim: int = 256, freq_shift: float = 0.0, sin_first: bool = False):
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.freq_shift = freq_shift
+        self.freq_shift, self.sin_first = freq_shift, sin_first
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = timestep_embedding(t, self.frequency_dim, freq_shift=self.freq_shift).to(self.mlp[0].weight.dtype)
-        return self.mlp(emb)
+        emb = timestep_embedding(t, self.frequency_dim, freq_shift=self.freq_shift, sin_first=self.sin_first)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -24,8 +24,6 @@ stride-2 conv, GroupNorm eps 1e-6, one attention head).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
@@ -35,44 +33,6 @@ from torch import nn
 from .cards import HubCardMixin
 from .layers import Attention, DenoiserOutput, TimestepEmbedder, check_denoiser_inputs
 from .loading import SafeLoadingMixin
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Time features
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def sinusoidal_time_features(
-    t: torch.Tensor, dim: int, sin_first: bool = False, freq_shift: float = 0.0, max_period: float = 10000.0
-) -> torch.Tensor:
-    """
-    Sinusoidal features of 1-D (possibly fractional) timesteps (Vaswani et al. 2017; DDPM appendix B): (B,) -> (B, dim).
-
-    With half = dim // 2 and k = 0..half-1 the frequencies are omega_k = max_period ** (-k / (half - freq_shift));
-    the features are [sin(t omega) | cos(t omega)] if ``sin_first`` else [cos | sin], zero-padded when dim is odd.
-    ``sin_first=False, freq_shift=0`` is ``hfgen.layers.timestep_embedding``; ``True, 1`` is the DDPM code's.
-    """
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift)
-    args = t.float()[:, None] * torch.exp(exponent)[None]  # (B, half)
-    first, second = (torch.sin(args), torch.cos(args)) if sin_first else (torch.cos(args), torch.sin(args))
-    emb = torch.cat([first, second], dim=-1)  # (B, 2 * half)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
-
-
-class UNetTimestepEmbedder(TimestepEmbedder):
-    """t (B,) -> sinusoidal features (B, frequency_dim) in the U-Net's order and spacing -> MLP -> (B, dim)."""
-
-    def __init__(self, dim: int, frequency_dim: int, sin_first: bool, freq_shift: float):
-        super().__init__(dim, frequency_dim)
-        self.sin_first = sin_first
-        self.freq_shift = freq_shift
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = sinusoidal_time_features(t, self.frequency_dim, self.sin_first, self.freq_shift)  # (B, frequency_dim)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (B, dim)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Blocks
@@ -323,7 +283,7 @@ class UNetModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
             return AttentionBlock(ch, heads, groups, cross_attention_dim, norm_eps)
 
         # embeddings: t -> sinusoid (ch0) -> MLP (4 * ch0); labels -> table of num_classes + 1 rows (last = null)
-        self.time_embed = UNetTimestepEmbedder(time_embed_dim, ch0, time_sin_first, time_freq_shift)
+        self.time_embed = TimestepEmbedder(time_embed_dim, ch0, freq_shift=time_freq_shift, sin_first=time_sin_first)
         self.class_embed = nn.Embedding(num_classes + 1, time_embed_dim) if num_classes is not None else None
 
         self.conv_in = nn.Conv2d(in_channels, ch0, 3, padding=1)
