@@ -169,11 +169,12 @@ def place_components(pipe, device_map: str | None) -> None:
         return
     devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
     load = dict.fromkeys(devices, 0)
+    sizes = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
     pipe.hf_device_map = {}
-    for name, model in sorted(models.items(), key=lambda kv: -sum(p.numel() for p in kv[1].parameters())):
+    for name in sorted(sizes, key=sizes.get, reverse=True):
         device = min(load, key=load.get)
-        model.to(device)
-        load[device] += sum(p.numel() for p in model.parameters())
+        models[name].to(device)
+        load[device] += sizes[name]
         pipe.hf_device_map[name] = device
 
 
