@@ -30,7 +30,7 @@ printed beside them.
     network (and initial weights), optimizer, learning-rate schedule, EMA and batch; rectified flow
     x_t = (1 - sigma) x_0 + sigma eps with sigma drawn logit-normal(0, 1) (diffusers'
     ``compute_density_for_timestep_sampling``), target the velocity eps - x_0, unweighted MSE, denoiser timestep
-    sigma * 1000 (``hfgen.objectives``). Sampling: diffusers' FlowMatchEulerDiscreteScheduler (1000, shift 1) through
+    sigma * 1000 (``train_diffusion.forward_process``). Sampling: diffusers' FlowMatchEulerDiscreteScheduler (1000, shift 1) through
     HFGenPipeline. The results name the hfgen objective with the lower FID ("better hfgen objective").
 
 The trained pipelines are saved to ``--output_dir`` (benchmarks/artifacts/quality/{diffusers,hfgen,hfgen-flow}) with
@@ -58,9 +58,9 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
 
 import hfgen
-from hfgen import objectives
 from hfgen.metrics import DigitClassifier, class_balance, fid_kid, fit_digit_classifier, load_digits
 from hfgen.pipelines import HFGenPipeline
+from hfgen.training import train_diffusion
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Recipes: each holds its model, noise scheduler, optimizer and EMA, and knows how to train one step and to sample
@@ -148,6 +148,7 @@ class HFGenRecipe:
     peak_lr = 2e-3
     warmup_steps = 100
     min_snr_gamma = 5.0
+    objective_args = {"objective": "diffusion", "prediction_type": "v_prediction", "snr_gamma": min_snr_gamma}
 
     def __init__(self, quick: bool):
         preset = hfgen.UNET_PRESETS["unet-tiny" if quick else "unet-small"]
@@ -168,16 +169,18 @@ class HFGenRecipe:
         pass  # the learning rate follows the elapsed fraction of the time budget
 
     def loss(self, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """v-prediction MSE weighted by min-SNR-gamma, on a batch of clean digits (B, 1, 32, 32) (hfgen.objectives)."""
+        """v-prediction MSE weighted by min-SNR-gamma, on a batch of clean digits (B, 1, 32, 32) (train_diffusion.py's)."""
         noise = torch.randn(clean.shape, generator=generator)
         t = torch.randint(0, 1000, (clean.shape[0],), generator=generator)
-        alpha, sigma = self.noise_scheduler.noise_coefficients(t, clean)
-        noisy = objectives.noisy_sample(clean, noise, alpha, sigma)
-        target = objectives.training_target(clean, noise, alpha, sigma, "v_prediction")
-        snr = objectives.snr(alpha, sigma).reshape(-1)
-        weight = objectives.min_snr_weight(snr, self.min_snr_gamma, "v_prediction")  # (B,)
-        per_sample = F.mse_loss(self.model(noisy, t).sample, target, reduction="none").mean(dim=(1, 2, 3))
-        return (weight * per_sample).mean()
+        return self.objective_loss(clean, noise, t)
+
+    def objective_loss(self, clean: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """train_diffusion.py's objective for these noise levels: its forward process, target, weights and loss."""
+        args = argparse.Namespace(**self.objective_args)
+        noisy, timesteps, target, weights = train_diffusion.forward_process(
+            args, self.noise_scheduler, clean, noise, levels
+        )
+        return train_diffusion.objective_loss(self.model(noisy, timesteps).sample, target, weights)
 
     def train_step(self, clean: torch.Tensor, generator: torch.Generator, progress: float) -> float:
         # learning rate: linear warmup, then cosine decay over the time budget
@@ -219,9 +222,14 @@ class HFGenFlowRecipe(HFGenRecipe):
     num_train_timesteps = 1000
     weighting_scheme = "logit_normal"
     logit_mean, logit_std = 0.0, 1.0
+    objective_args = {
+        "objective": "flow_matching",
+        "num_train_timesteps": num_train_timesteps,
+        "weighting_scheme": weighting_scheme,
+    }
 
     def setup_objective(self) -> None:
-        pass  # rectified flow has no noise schedule to build: sigma is drawn per example
+        self.noise_scheduler = None  # rectified flow has no noise schedule to build: sigma is drawn per example
 
     def loss(self, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """MSE of the velocity eps - x0 at x_t = (1 - sigma) x0 + sigma eps, sigma ~ logit-normal(0, 1)."""
@@ -229,13 +237,7 @@ class HFGenFlowRecipe(HFGenRecipe):
         sigmas = compute_density_for_timestep_sampling(
             self.weighting_scheme, clean.shape[0], self.logit_mean, self.logit_std, generator=generator
         )  # (B,) in (0, 1)
-        alpha, sigma = objectives.flow_coefficients(sigmas, clean.ndim)
-        noisy = objectives.noisy_sample(clean, noise, alpha, sigma)
-        target = objectives.training_target(clean, noise, alpha, sigma, "flow_prediction")
-        timesteps = objectives.flow_timesteps(sigmas, self.num_train_timesteps)
-        weight = objectives.flow_matching_weight(sigmas, self.weighting_scheme)  # (B,) ones: the density weights
-        per_sample = F.mse_loss(self.model(noisy, timesteps).sample, target, reduction="none").mean(dim=(1, 2, 3))
-        return (weight * per_sample).mean()
+        return self.objective_loss(clean, noise, sigmas)
 
     def sampling_scheduler(self):
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=1.0)
