@@ -20,6 +20,9 @@ Reproducibility: every random draw of a step (timesteps, noise, dropout masks, f
 generator seeded by (seed, step, micro-batch) and drawn for the global batch, each process taking its slice, and the
 data order is a seeded permutation per epoch. So a run resumed from a checkpoint, or split over several processes,
 follows the same trajectory as one uninterrupted single-process run.
+
+Speed: ``--compile`` (torch.compile with inductor, after ``accelerator.prepare``: the same wrapping as ``accelerate
+launch --dynamo_backend inductor``, and never both), ``--channels_last`` (the U-Net), ``--allow_tf32`` (CUDA).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, is_compiled_module, set_seed
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -130,6 +133,23 @@ def build_model(args, in_channels: int, sample_size: int, num_classes: int | Non
             f"the model's downsample factor {f}"
         )
     return model
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def compile_model(accelerator, model, mode: str | None):
+    """``torch.compile`` the prepared model (inductor) as Accelerate's dynamo config does at the end of ``prepare``:
+    the compiled module wraps the DDP one, so the forward still goes through it. A model that the launcher's config
+    (``accelerate launch --dynamo_backend ...``) already compiled is returned as it is, with a warning."""
+    if is_compiled_module(model):
+        plugin = accelerator.state.dynamo_plugin
+        logger.warning(
+            f"--compile: Accelerate's dynamo config already compiled the model (backend {plugin.backend.value.lower()}, "
+            f"mode {plugin.mode}); not compiling it a second time, so --compile_mode is not applied"
+        )
+        return model
+    return torch.compile(model, backend="inductor", mode=mode)
 
 
 def load_text_encoder(path: str):
@@ -347,6 +367,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae", default=None, help="folder of an hfgen VAEModel or AutoencoderModel: train on its latents")
     p.add_argument("--self_cond_prob", type=float, default=0.9, help="RIN: probability of latent self-conditioning")
     p.add_argument("--gradient_checkpointing", action="store_true")
+    # speed
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the denoiser with inductor after accelerator.prepare, as `accelerate launch "
+        "--dynamo_backend inductor` (or a dynamo section of `accelerate config`) does; give one or the other: when the "
+        "launcher already compiled the model, this flag only warns. The first steps pay the compile time (tens of "
+        "seconds on a CPU); samples and saved weights use the plain module",
+    )
+    p.add_argument(
+        "--compile_mode", choices=COMPILE_MODES, default=None, help="with --compile: torch.compile's mode (default)"
+    )
+    p.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="U-Net only: weights and inputs in torch.channels_last memory format (oneDNN's and cuDNN's faster "
+        "convolution layout); refused for DiT and RIN, which compute on token tensors (B, N, D)",
+    )
+    p.add_argument(
+        "--allow_tf32",
+        action="store_true",
+        help="CUDA: TF32 for float32 matmuls and convolutions (torch.backends.cuda.matmul / cudnn.allow_tf32); "
+        "no effect on a CPU",
+    )
     # noise schedule and objective
     p.add_argument("--num_train_timesteps", type=int, default=1000)
     p.add_argument("--beta_schedule", choices=BETA_SCHEDULES, default="linear")
@@ -501,6 +545,13 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f'--shapes_exclude {pair!r} is not a "color shape" pair: {error}') from None
     if args.resume_from_checkpoint not in (None, "latest"):
         resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if args.compile_mode is not None and not args.compile:
+        raise ValueError(f"--compile_mode {args.compile_mode} needs --compile")
+    if args.channels_last and args.model != "unet":
+        raise ValueError(
+            f"--channels_last applies to the convolutional U-Net (--model unet), got --model {args.model}, "
+            "which computes on token tensors (B, N, D): they have no channels-last format"
+        )
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
     model_family(args.model)
@@ -523,6 +574,9 @@ def main(args: argparse.Namespace) -> None:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)  # model initialisation; the training draws are keyed by (seed, step, micro-batch)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     device = accelerator.device
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -590,6 +644,8 @@ def main(args: argparse.Namespace) -> None:
     self_conditioning = getattr(model, "self_conditioning", False)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # before the optimiser and EMA copy the parameters
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=args.num_train_timesteps,
         beta_schedule=args.beta_schedule,
@@ -629,6 +685,10 @@ def main(args: argparse.Namespace) -> None:
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
+    if args.compile:
+        model = compile_model(accelerator, model, args.compile_mode)
+    # the plain module inside DDP and torch.compile: EMA, samples and the saved weights read it (no _orig_mod. names)
+    denoiser = accelerator.unwrap_model(model, keep_torch_compile=False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if vae is not None:
         vae.to(device, dtype=weight_dtype)
@@ -674,6 +734,8 @@ def main(args: argparse.Namespace) -> None:
 
         # 3. the forward process and the target of the objective
         noisy, timesteps, target, weights = forward_process(args, noise_scheduler, x0, noise, levels)
+        if args.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
 
         # 4. RIN latent self-conditioning: a no-grad first pass, its latents fed to the real pass for some examples
         if self_conditioning:
@@ -688,7 +750,6 @@ def main(args: argparse.Namespace) -> None:
         return objective_loss(model(noisy, timesteps, **cond).sample, target, weights)
 
     def validate(step: int) -> list:
-        denoiser = accelerator.unwrap_model(model)
         if ema is not None:
             ema.store(denoiser.parameters())
             ema.copy_to(denoiser.parameters())
@@ -735,12 +796,12 @@ def main(args: argparse.Namespace) -> None:
             micro = 0
             progress.update(1)
             if not guard.end_update(global_step) and ema is not None:
-                ema.step(accelerator.unwrap_model(model).parameters())
+                ema.step(denoiser.parameters())
             logs = {"loss": accelerator.gather(loss.detach()[None]).mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0:
-                weights = list(accelerator.unwrap_model(model).parameters()) + (list(ema.shadow_params) if ema else [])
+                weights = list(denoiser.parameters()) + (list(ema.shadow_params) if ema else [])
                 save_checkpoint(
                     accelerator,
                     args.output_dir,
@@ -758,7 +819,6 @@ def main(args: argparse.Namespace) -> None:
     # 5. the pipeline folder (EMA weights when on) and a sample grid
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        denoiser = accelerator.unwrap_model(model)
         if ema is not None:
             ema.copy_to(denoiser.parameters())
         if not all_finite(denoiser.parameters()):
