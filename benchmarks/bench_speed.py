@@ -1,12 +1,22 @@
 """
-Denoiser speed and memory: hfgen ``UNetModel`` vs diffusers ``UNet2DModel`` and hfgen ``DiTModel`` vs diffusers
-``DiTTransformer2DModel``, at matched configurations, in one process.
+Denoiser speed and memory: hfgen ``UNetModel`` vs diffusers ``UNet2DModel``, hfgen ``DiTModel`` vs diffusers
+``DiTTransformer2DModel`` and hfgen ``RINModel`` alone (diffusers has no RIN), at matched configurations, eager and
+``torch.compile``'d, in one process.
 
-    .venv/bin/python benchmarks/bench_speed.py --results benchmarks/RESULTS.md           # CPU, float32
-    .venv/bin/python benchmarks/bench_speed.py --device cuda --dtype bfloat16 --compile  # see gpu.sh
-    .venv/bin/python benchmarks/bench_speed.py --quick
+    .venv/bin/python benchmarks/bench_speed.py --results benchmarks/RESULTS.md           # CPU, float32, 2 threads
+    .venv/bin/python benchmarks/bench_speed.py --variants eager,compiled --models dit     # a shorter run
+    .venv/bin/python benchmarks/bench_speed.py --device cuda --dtype bfloat16            # see gpu.sh
+    .venv/bin/python benchmarks/bench_speed.py --quick                                   # tiny, eager, 1 thread
 
-For each pair it reports (medians over A/B/A/B-interleaved repetitions; on a CPU of process CPU time, which other
+Every model runs in each of ``--variants``, all timed side by side in the same A/B/A/B-interleaved rounds:
+``eager``; ``channels_last`` (weights and input in ``torch.channels_last``: the U-Nets only, the convolutional
+models); ``compiled`` (``torch.compile``, inductor, default mode); ``compiled_channels_last`` (both). The compile
+time of a compiled variant is the wall time its first training and first sampling call took beyond a steady one (the
+inductor cache in /tmp makes a rerun compile faster; a full run compiles 7 models, about a minute each on 2 CPU
+cores with a cold cache). The summary gives the speed ratios the goals are stated in:
+hfgen compiled vs diffusers eager, and each hfgen variant vs the same diffusers variant.
+
+For each model and variant it reports (medians over the interleaved rounds; on a CPU of process CPU time, which other
 jobs on a shared machine disturb far less than wall time, with the wall-time ratios beside them):
 - training step = zero_grad + forward + MSE + backward, and sampling step = no_grad forward, as images per second;
 - FLOPs of each step counted by ``torch.utils.flop_counter.FlopCounterMode`` and the achieved GFLOP/s as a fraction of
@@ -21,11 +31,14 @@ Matched configurations (parameter counts printed, within 5%):
   modulation (diffusers: ``resnet_time_scale_shift="scale_shift"``), 1 -> 1 channels at 32x32.
 - DiT: depth, width, heads and patch size of hfgen's "DiT-mini/2" (6 x 192, 3 heads, p=2) on 4 x 32 x 32 latents,
   class-conditional on 10 classes (diffusers' DiT is class-conditional only).
+- RIN: the "RIN-small" preset, unconditional on 1 x 32 x 32 like the U-Nets; one forward per training step (the
+  self-conditioning pass of ``train_diffusion.py`` is a second, no-grad forward on top).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -35,7 +48,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import header, interleaved_medians, synchronize, write_results
+from common import header, interleaved_medians, synchronize, time_call, write_results
 from diffusers import DiTTransformer2DModel, UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -47,10 +60,17 @@ import hfgen
 
 UNET_SIZES = {"quick": 16, "small": 32, "base": 64}  # C of the (C, 2C, 2C) U-Net
 DIT_SIZES = {"quick": (2, 64, 2), "small": (6, 192, 3), "base": (12, 384, 6)}  # depth, width, heads
+RIN_SIZES = {"quick": "RIN-tiny", "small": "RIN-small", "base": "RIN-cifar"}
+FAMILIES = {"unet": ("hfgen", "diffusers"), "dit": ("hfgen", "diffusers"), "rin": ("hfgen",)}
+CONVOLUTIONAL = ("unet",)  # the families that channels_last applies to
+VARIANTS = ("eager", "channels_last", "compiled", "compiled_channels_last")
 
 
 def build(name: str, size: str) -> tuple[torch.nn.Module, dict]:
-    """One of "unet_hfgen", "unet_diffusers", "dit_hfgen", "dit_diffusers" and the shape of its input."""
+    """One of "unet_hfgen", "unet_diffusers", "dit_hfgen", "dit_diffusers", "rin_hfgen" and the shape of its input."""
+    if name == "rin_hfgen":
+        model = hfgen.RINModel(**hfgen.RIN_PRESETS[RIN_SIZES[size]], sample_size=32, in_channels=1)
+        return model, {"channels": 1, "labels": False}
     if name.startswith("unet"):
         c = UNET_SIZES[size]
         channels, head_dim, groups = (c, 2 * c, 2 * c), min(32, 2 * c), 8
@@ -107,8 +127,7 @@ def make_inputs(spec: dict, batch: int, device, dtype) -> tuple[torch.Tensor, to
 
 
 def forward(model, x, t, y) -> torch.Tensor:
-    if isinstance(model, DiTTransformer2DModel):
-        return model(x, timestep=t, class_labels=y).sample
+    """All five take (sample, timestep, class_labels=...) in this order, torch.compile'd or not."""
     if y is None:
         return model(x, t).sample
     return model(x, t, class_labels=y).sample
@@ -215,6 +234,75 @@ def measure_memory(names: list[str], size: str, batch: int, threads: int) -> dic
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Variants: eager, channels_last, compiled
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def variant_names(family: str, variants: list[str]) -> list[str]:
+    """The variants that apply to ``family``: channels_last only to the convolutional ones."""
+    return [v for v in variants if "channels_last" not in v or family in CONVOLUTIONAL]
+
+
+def prepare_variant(model, inputs, variant: str, backend: str):
+    """The model and inputs of one variant; ``model`` itself stays eager and contiguous (variants share weights)."""
+    x, t, y = inputs
+    if "channels_last" in variant:
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if variant.startswith("compiled"):
+        model = torch.compile(model, backend=backend)
+    return model, (x, t, y)
+
+
+def first_calls(fns: dict, device) -> dict[str, float]:
+    """Wall seconds of the first call of each function (the compile, for a compiled one)."""
+    return {name: time_call(fn, device)[0] for name, fn in fns.items()}
+
+
+def measure_family(names: list[str], variants: list[str], args, backend: str, profiles: list[str]):
+    """Time every (model, variant) of one family in the same interleaved rounds, after compiling the compiled ones.
+    Returns the medians ``{"<name>/<variant>/<train|sample>": {"wall", "cpu"}}``, the wall seconds of each compiled
+    function's first call, and each model's FLOPs per step and parameter count."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    flops, params, fns, compiled = {}, {}, {}, {}
+    for name in names:
+        torch.manual_seed(0)
+        model, spec = build(name, args.size)
+        model = model.to(device, dtype).train()
+        params[name] = sum(p.numel() for p in model.parameters())
+        inputs = make_inputs(spec, args.batch_size, device, dtype)
+        flops[name] = {
+            "train": count_flops(lambda m=model, i=inputs: train_step(m, *i)),
+            "sample": count_flops(lambda m=model, i=inputs: sample_step(m, *i)),
+        }
+        if args.profile:
+            profiles.append(f"- {name}: " + "; ".join(top_ops(model, *inputs)))
+        for variant in variants:
+            m, i = prepare_variant(model, inputs, variant, backend)
+            key = f"{name}/{variant}"
+            fns[f"{key}/train"] = lambda m=m, i=i: train_step(m, *i)
+            fns[f"{key}/sample"] = lambda m=m, i=i: sample_step(m, *i)
+            if variant.startswith("compiled"):
+                compiled.update({f"{key}/train": fns[f"{key}/train"], f"{key}/sample": fns[f"{key}/sample"]})
+    first = first_calls(compiled, device)  # the compiles, one function at a time
+    med = interleaved_medians(fns, args.repeats, device, warmup=2 if compiled else 1)
+    return med, first, flops, params
+
+
+def speed_ratio(med: dict, a: str, b: str, step: str, clock: str) -> float:
+    """Speed of ``a`` relative to ``b`` (time of b / time of a: > 1 = a faster) for one step kind and clock."""
+    return med[f"{b}/{step}"][clock] / med[f"{a}/{step}"][clock]
+
+
+def comparisons(variants: list[str]) -> list[tuple[str, str]]:
+    """(hfgen variant, diffusers variant) pairs of the summary: the same variant, then hfgen's faster ones against
+    diffusers eager (the issue's goal: hfgen compiled >= 1.3x diffusers eager, and >= 1x diffusers compiled)."""
+    pairs = [(v, v) for v in variants]
+    pairs += [(v, "eager") for v in variants if v != "eager" and "eager" in variants]
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -223,23 +311,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Denoiser speed: hfgen vs diffusers at matched configurations.")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--compile", action="store_true", help="torch.compile both models of each pair")
-    p.add_argument("--size", default="small", choices=tuple(UNET_SIZES), help="model size of both pairs")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma list of {VARIANTS}, timed side by side; channels_last ones apply to {CONVOLUTIONAL} only",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the compiled variants too (default: yes, except with --quick); --no-compile keeps eager ones",
+    )
+    p.add_argument(
+        "--compile_backend",
+        default=None,
+        help="torch.compile backend of the compiled variants (default inductor; with --quick: eager, which only "
+        "traces, so that --quick --compile checks the compiled variants' code without inductor's C++ builds)",
+    )
+    p.add_argument("--size", default="small", choices=tuple(UNET_SIZES), help="model size of every family")
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=7, help="A/B rounds; medians are reported")
-    p.add_argument("--models", default="unet,dit", help="comma list of pairs: unet, dit")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds; medians are reported")
+    p.add_argument("--models", default="unet,dit,rin", help=f"comma list of {tuple(FAMILIES)}")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads; default 2 (this machine's cores: for a quiet machine), 1 with --quick (tiny ops on "
+        "2 threads of a busy machine wait for each other)",
+    )
     p.add_argument("--matmul_size", type=int, default=2048)
-    p.add_argument("--profile", action="store_true", help="list the top ops of a training step")
-    p.add_argument("--memory", action="store_true", help="peak RSS of a training step, one subprocess per model (CPU)")
+    p.add_argument("--profile", action="store_true", help="list the top ops of an eager training step")
+    p.add_argument(
+        "--memory", action="store_true", help="peak RSS of an eager training step, one subprocess per model (CPU)"
+    )
     p.add_argument("--memory_batch_size", type=int, default=64)
     p.add_argument("--memory_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--results", type=Path, default=None, help="append a markdown block to this file")
-    p.add_argument("--quick", action="store_true", help="tiny models, batch 4, 2 rounds")
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true", help="tiny models, batch 4, 2 rounds, eager variants, 1 thread")
+    args = p.parse_args(argv)
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"--variants {unknown} are not among {VARIANTS}")
+    families = args.models.split(",")
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"--models {unknown} are not among {tuple(FAMILIES)}")
+    return args
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.threads is None:
+        args.threads = 1 if args.quick else 2
     torch.set_num_threads(args.threads)
     if args.memory_worker:
         print(json.dumps(memory_worker(args.memory_worker, args.size, args.memory_batch_size)))
@@ -247,97 +370,127 @@ def main(args: argparse.Namespace) -> dict:
     if args.quick:
         args.size, args.batch_size, args.repeats, args.matmul_size = "quick", 4, 2, 256
         args.memory_batch_size = 8
+    compile_on = not args.quick if args.compile is None else args.compile
+    backend = args.compile_backend or ("eager" if args.quick else "inductor")
+    variants = [v for v in args.variants.split(",") if compile_on or not v.startswith("compiled")]
+    families = args.models.split(",")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     clock = "cpu" if device.type == "cpu" else "wall"  # process CPU time is steadier on a shared CPU
     peak = matmul_peak_gflops(device, dtype, args.matmul_size)
-    results: dict = {"matmul_peak_gflops": peak, "pairs": {}}
+    results: dict = {"matmul_peak_gflops": peak, "pairs": {}, "variants": {}, "ratios": {}}
     lines = [header(f"Denoiser speed (bench_speed.py){' [quick]' if args.quick else ''}")]
     lines.append(
-        f"- device {device}, dtype {args.dtype}, compile {args.compile}, size {args.size}, batch {args.batch_size}, "
-        f"{args.repeats} A/B rounds (medians of {clock} time); {args.dtype} matmul peak ({args.matmul_size}^3): "
-        f"{peak:.1f} GFLOP/s\n"
+        f"- device {device}, dtype {args.dtype}, size {args.size}, batch {args.batch_size}, variants "
+        f"{', '.join(variants)} (compile backend {backend}), {args.repeats} interleaved rounds (medians of {clock} "
+        f"time); {args.dtype} matmul peak ({args.matmul_size}^3): {peak:.1f} GFLOP/s\n"
     )
     lines.append(
-        "| model | params | train img/s | sample img/s | train GFLOP/step | train GFLOP/s (% peak) | "
-        "sample GFLOP/s (% peak) |"
+        "| model | variant | params | train img/s | sample img/s | train, sample x own eager | "
+        "train GFLOP/s (% peak) | sample GFLOP/s (% peak) | compile s |"
     )
-    lines.append("|---|---|---|---|---|---|---|")
-    profiles = []
-    for pair in args.models.split(","):
-        names = [f"{pair}_hfgen", f"{pair}_diffusers"]
-        models, inputs, flops, params = {}, {}, {}, {}
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    summary, profiles = [], []
+    for family in families:
+        names = [f"{family}_{lib}" for lib in FAMILIES[family]]
+        fam_variants = variant_names(family, variants)
+        med, first, flops, params = measure_family(names, fam_variants, args, backend, profiles)
         for name in names:
-            torch.manual_seed(0)
-            model, spec = build(name, args.size)
-            model = model.to(device, dtype).train()
-            params[name] = sum(p.numel() for p in model.parameters())
-            inputs[name] = make_inputs(spec, args.batch_size, device, dtype)
-            flops[name] = {
-                "train": count_flops(lambda m=model, i=inputs[name]: train_step(m, *i)),
-                "sample": count_flops(lambda m=model, i=inputs[name]: sample_step(m, *i)),
+            results["variants"][name] = {}
+            for variant in fam_variants:
+                key = f"{name}/{variant}"
+                tr, sa = med[f"{key}/train"][clock], med[f"{key}/sample"][clock]
+                compile_s = None
+                if variant.startswith("compiled"):
+                    compile_s = sum(
+                        first[f"{key}/{step}"] - med[f"{key}/{step}"]["wall"] for step in ("train", "sample")
+                    )
+                gf_tr, gf_sa = flops[name]["train"] / tr / 1e9, flops[name]["sample"] / sa / 1e9
+                row = {
+                    "params": params[name],
+                    "train_s": tr,
+                    "sample_s": sa,
+                    "train_img_s": args.batch_size / tr,
+                    "sample_img_s": args.batch_size / sa,
+                    "train_gflop": flops[name]["train"] / 1e9,
+                    "sample_gflop": flops[name]["sample"] / 1e9,
+                    "train_gflops": gf_tr,
+                    "sample_gflops": gf_sa,
+                    "train_wall_s": med[f"{key}/train"]["wall"],
+                    "sample_wall_s": med[f"{key}/sample"]["wall"],
+                    "compile_s": compile_s,
+                }
+                results["variants"][name][variant] = row
+                if variant == "eager":
+                    results["pairs"][name] = row
+                own = "-"
+                if "eager" in fam_variants:
+                    eager = f"{name}/eager"
+                    own = (
+                        f"{speed_ratio(med, key, eager, 'train', clock):.2f}x, "
+                        f"{speed_ratio(med, key, eager, 'sample', clock):.2f}x"
+                    )
+                lines.append(
+                    f"| {name} | {variant} | {params[name] / 1e6:.3f}M | {args.batch_size / tr:.1f} | "
+                    f"{args.batch_size / sa:.1f} | {own} | {gf_tr:.1f} ({100 * gf_tr / peak:.0f}%) | "
+                    f"{gf_sa:.1f} ({100 * gf_sa / peak:.0f}%) | {'-' if compile_s is None else f'{compile_s:.0f}'} |"
+                )
+        if len(names) < 2:
+            continue
+        h, d = names
+        if "eager" in fam_variants:
+            results["pairs"][family] = {
+                "param_ratio": params[h] / params[d],
+                "train_speed_ratio": speed_ratio(med, f"{h}/eager", f"{d}/eager", "train", clock),
+                "sample_speed_ratio": speed_ratio(med, f"{h}/eager", f"{d}/eager", "sample", clock),
+                "train_wall_ratio": speed_ratio(med, f"{h}/eager", f"{d}/eager", "train", "wall"),
+                "sample_wall_ratio": speed_ratio(med, f"{h}/eager", f"{d}/eager", "sample", "wall"),
             }
-            if args.profile:
-                profiles.append(f"- {name}: " + "; ".join(top_ops(model, *inputs[name])))
-            models[name] = torch.compile(model) if args.compile else model
-        fns = {}
-        for name in names:
-            fns[f"{name}/train"] = lambda m=models[name], i=inputs[name]: train_step(m, *i)
-            fns[f"{name}/sample"] = lambda m=models[name], i=inputs[name]: sample_step(m, *i)
-        med = interleaved_medians(fns, args.repeats, device, warmup=2 if args.compile else 1)
-        for name in names:
-            tr, sa = med[f"{name}/train"][clock], med[f"{name}/sample"][clock]
-            gf_tr, gf_sa = flops[name]["train"] / tr / 1e9, flops[name]["sample"] / sa / 1e9
-            results["pairs"][name] = {
-                "params": params[name],
-                "train_s": tr,
-                "sample_s": sa,
-                "train_img_s": args.batch_size / tr,
-                "sample_img_s": args.batch_size / sa,
-                "train_gflop": flops[name]["train"] / 1e9,
-                "sample_gflop": flops[name]["sample"] / 1e9,
-                "train_gflops": gf_tr,
-                "sample_gflops": gf_sa,
-                "train_wall_s": med[f"{name}/train"]["wall"],
-                "sample_wall_s": med[f"{name}/sample"]["wall"],
+        results["ratios"][family] = {}
+        for hv, dv in comparisons(fam_variants):
+            a, b = f"{h}/{hv}", f"{d}/{dv}"
+            r = {
+                "train": speed_ratio(med, a, b, "train", clock),
+                "sample": speed_ratio(med, a, b, "sample", clock),
+                "train_wall": speed_ratio(med, a, b, "train", "wall"),
+                "sample_wall": speed_ratio(med, a, b, "sample", "wall"),
             }
-            lines.append(
-                f"| {name} | {params[name] / 1e6:.3f}M | {args.batch_size / tr:.1f} | {args.batch_size / sa:.1f} | "
-                f"{flops[name]['train'] / 1e9:.2f} | {gf_tr:.1f} ({100 * gf_tr / peak:.0f}%) | "
-                f"{gf_sa:.1f} ({100 * gf_sa / peak:.0f}%) |"
+            results["ratios"][family][f"{hv} / {dv}"] = r
+            summary.append(
+                f"| {family} | {hv} | {dv} | {r['train']:.2f}x | {r['sample']:.2f}x | "
+                f"{r['train_wall']:.2f}x, {r['sample_wall']:.2f}x |"
             )
-        h, d = results["pairs"][names[0]], results["pairs"][names[1]]
-        results["pairs"][pair] = {
-            "param_ratio": h["params"] / d["params"],
-            "train_speed_ratio": d["train_s"] / h["train_s"],
-            "sample_speed_ratio": d["sample_s"] / h["sample_s"],
-            "train_wall_ratio": d["train_wall_s"] / h["train_wall_s"],
-            "sample_wall_ratio": d["sample_wall_s"] / h["sample_wall_s"],
-        }
     lines.append("")
-    for pair in args.models.split(","):
-        r = results["pairs"][pair]
+    if summary:
+        ratios = ", ".join(f"{f} {results['pairs'][f]['param_ratio']:.3f}" for f in families if f in results["pairs"])
         lines.append(
-            f"- {pair}: hfgen/diffusers speed ratio by {clock} time (>1 = hfgen faster): training "
-            f"{r['train_speed_ratio']:.2f}x, sampling {r['sample_speed_ratio']:.2f}x (by wall time: "
-            f"{r['train_wall_ratio']:.2f}x, {r['sample_wall_ratio']:.2f}x); parameter ratio {r['param_ratio']:.3f}"
+            f"hfgen speed relative to diffusers by {clock} time (> 1 = hfgen faster), and by wall time; "
+            f"parameter ratios hfgen/diffusers: {ratios}\n"
         )
+        lines.append("| family | hfgen | diffusers | training | sampling | by wall time: training, sampling |")
+        lines.append("|---|---|---|---|---|---|")
+        lines.extend(summary)
     if profiles:
-        lines.append("\nTop ops of one training step (self time):\n")
+        lines.append("\nTop ops of one eager training step (self time):\n")
         lines.extend(profiles)
     if args.memory and device.type == "cpu":
-        names = [f"{pair}_{lib}" for pair in args.models.split(",") for lib in ("hfgen", "diffusers")]
+        names = [f"{family}_{lib}" for family in families for lib in FAMILIES[family]]
         mem = measure_memory(names, args.size, args.memory_batch_size, args.threads)
         results["memory"] = mem
         lines.append(
-            f"\nPeak resident memory of one training step at batch {args.memory_batch_size} (fresh process each):\n"
+            f"\nPeak resident memory of one eager training step at batch {args.memory_batch_size} (fresh process "
+            "each):\n"
         )
-        for pair in args.models.split(","):
-            h, d = mem[f"{pair}_hfgen"], mem[f"{pair}_diffusers"]
-            lines.append(
-                f"- {pair}: hfgen {h['peak_step_mb']:.0f} MB, diffusers {d['peak_step_mb']:.0f} MB "
-                f"(ratio hfgen/diffusers {h['peak_step_mb'] / max(d['peak_step_mb'], 1e-9):.2f}); "
-                f"process totals {h['peak_total_mb']:.0f} / {d['peak_total_mb']:.0f} MB"
-            )
+        for family in families:
+            h = mem[f"{family}_hfgen"]
+            line = f"- {family}: hfgen {h['peak_step_mb']:.0f} MB"
+            if f"{family}_diffusers" in mem:
+                d = mem[f"{family}_diffusers"]
+                line += (
+                    f", diffusers {d['peak_step_mb']:.0f} MB (ratio hfgen/diffusers "
+                    f"{h['peak_step_mb'] / max(d['peak_step_mb'], 1e-9):.2f}); process totals "
+                    f"{h['peak_total_mb']:.0f} / {d['peak_total_mb']:.0f} MB"
+                )
+            lines.append(line)
     write_results("\n".join(lines) + "\n", args.results)
     return results
 
