@@ -19,6 +19,11 @@ def test_demo_quick_writes_grid_report_and_a_loadable_pipeline(tmp_path):
     saved = json.loads((tmp_path / "demo_report.json").read_text())
     assert saved["left_out_pairs"] == report["left_out_pairs"]
     assert set(saved["shape_color_accuracy"]) == {"seen", "left_out"}
+    # every one of the 18 prompts is judged: 16 seen and the 2 left-out pairs, one image each in quick mode
+    assert saved["shape_color_accuracy"]["seen"]["num_images"] == 16
+    assert saved["shape_color_accuracy"]["left_out"]["num_images"] == 2
+    assert set(saved["seconds"]) == {"clip", "denoiser", "sampling", "total"}
+    assert saved["seconds"]["total"] >= saved["seconds"]["denoiser"] > 0
     pipe = HFGenTextToImagePipeline.from_pretrained(str(tmp_path / "pipeline"))
     image = pipe("a red circle", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 16, 16, 3)
