@@ -2,7 +2,7 @@
 # The GPU benchmarks in one command, on a CUDA device; every run appends its markdown block to benchmarks/RESULTS.md:
 # 1. bench_gpu.py: training images/s, peak memory and MFU of hfgen vs diffusers at matched configs (U-Net, DiT-B/2 and
 #    DiT-XL/2 on 4x32x32 latents, RIN), bf16 autocast, eager and torch.compile'd;
-# 2. bench_speed.py: training and sampling steps with bfloat16 weights, top ops, eager and compiled;
+# 2. bench_speed.py: training and sampling steps with bfloat16 weights, top ops, eager and compiled in one run;
 # 3. bench_scheduler.py: scheduler step() overhead in bfloat16 and float32.
 #
 #   bash benchmarks/gpu.sh                                   # on a machine with a CUDA GPU
@@ -37,7 +37,6 @@ echo -e "\n## GPU run ($(date -u '+%Y-%m-%d %H:%M UTC'), $("$PY" -c 'import torc
 "$PY" bench_gpu.py --device cuda --autocast bfloat16 --batch_size "$TRAIN_BATCH" --results "$RESULTS"
 
 common=(--device cuda --dtype bfloat16 --size "$SIZE" --batch_size "$BATCH" --repeats 20 --matmul_size 8192 --threads 4 --results "$RESULTS")
-"$PY" bench_speed.py "${common[@]}" --profile
-"$PY" bench_speed.py "${common[@]}" --compile
+"$PY" bench_speed.py "${common[@]}" --profile  # eager and compiled variants side by side in one run
 "$PY" bench_scheduler.py --device cuda --dtype bfloat16 --repeats 30 --threads 4 --results "$RESULTS"
 "$PY" bench_scheduler.py --device cuda --dtype float32 --repeats 30 --threads 4 --results "$RESULTS"
