@@ -74,6 +74,13 @@ logger = get_logger(__name__)
 
 MODELS = ("unet", "dit", "rin")
 DEFAULT_PRESETS = {"unet": "unet-small", "dit": "DiT-mini/4", "rin": "RIN-small"}  # train on a CPU in minutes
+# the measured small-data recipe per family (benchmarks/RESULTS.md, RESULTS_class_conditional.md): the defaults of
+# --learning_rate and --train_batch_size; AdamW beta2 0.99 for all (few steps: a short second-moment memory)
+SMALL_DATA_RECIPES = {
+    "unet": {"learning_rate": 2e-3, "train_batch_size": 32},
+    "dit": {"learning_rate": 1e-3, "train_batch_size": 64},
+    "rin": {"learning_rate": 1e-3, "train_batch_size": 32},
+}
 
 
 def model_family(name: str) -> tuple[type, dict[str, dict]]:
@@ -435,14 +442,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # optimisation
     p.add_argument("--output_dir", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train_batch_size", type=int, default=64, help="per process")
+    p.add_argument(
+        "--train_batch_size", type=int, default=None, help="per process (default: the family's, SMALL_DATA_RECIPES)"
+    )
     p.add_argument("--num_epochs", type=int, default=10)
     p.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_epochs")
-    p.add_argument("--learning_rate", type=float, default=2e-4)
+    p.add_argument("--learning_rate", type=float, default=None, help="default: the family's, SMALL_DATA_RECIPES")
     p.add_argument("--lr_scheduler", default="cosine", help="a diffusers.optimization schedule name")
     p.add_argument("--lr_warmup_steps", type=int, default=100)
     p.add_argument("--adam_beta1", type=float, default=0.9)
-    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_beta2", type=float, default=0.99)
     p.add_argument("--adam_weight_decay", type=float, default=0.0)
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -473,6 +482,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hub_model_id", default=None)
     p.add_argument("--hub_token", default=None)
     args = p.parse_args(argv)
+    for name, value in SMALL_DATA_RECIPES.get(args.model, {}).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     check_args(args)
     return args
 
