@@ -45,6 +45,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ARTIFACTS, CLASSIFIER, MNIST, header, write_results  # noqa: E402
 
+import hfgen  # noqa: E402
 from hfgen.metrics import DigitClassifier, fit_digit_classifier, load_digits  # noqa: E402
 from hfgen.pipelines import HFGenPipeline  # noqa: E402
 from hfgen.schedulers import DDIMScheduler  # noqa: E402
@@ -60,34 +61,19 @@ NUM_CLASSES = 10
 # the RIN after ~80 (--train_minutes 80; see RESULTS_class_conditional.md for the budgets and scores)
 RECIPES: dict[str, dict] = {
     "unet": {
-        "config": {  # 3 levels (32, 16, 8 px), attention at 8x8 only; 0.72M parameters
-            "block_out_channels": (16, 32, 64),
-            "layers_per_block": 1,
-            "attention_levels": (False, False, True),
-            "attention_head_dim": 32,
-            "norm_num_groups": 8,
-        },
+        "config": hfgen.UNET_PRESETS["unet-mnist"],  # attention at 8x8 only; 0.72M parameters
         "learning_rate": 2e-3,
         "batch_size": 32,  # 64 gave half the updates in the same time and no digits yet (RESULTS, run 1)
         "self_cond_prob": None,
     },
     "dit": {
-        "config": {"depth": 4, "hidden_size": 128, "num_heads": 4, "patch_size": 4},  # 64 tokens; 1.28M parameters
+        "config": hfgen.DIT_PRESETS["DiT-mnist/4"],  # 64 tokens; 1.28M parameters
         "learning_rate": 1e-3,
         "batch_size": 64,
         "self_cond_prob": None,
     },
     "rin": {
-        "config": {  # 64 interface tokens (4x4 patches), 32 latents; 1.52M parameters
-            "patch_size": 4,
-            "interface_dim": 64,
-            "num_latents": 32,
-            "latent_dim": 128,
-            "num_blocks": 2,
-            "compute_depth": 2,
-            "num_heads": 4,
-            "rw_num_heads": 4,
-        },
+        "config": hfgen.RIN_PRESETS["RIN-mnist"],  # 64 interface tokens, 32 latents; 1.52M parameters
         "learning_rate": 1e-3,
         "batch_size": 32,  # 64 gave 38% of the asked digit after 34.5 min; 32 gave 40% after 15.9 and 100% after 83
         "self_cond_prob": 0.5,

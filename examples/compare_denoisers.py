@@ -41,6 +41,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+import hfgen  # noqa: E402
 from hfgen import HFGenPipeline  # noqa: E402
 from hfgen.metrics import DigitClassifier, classifier_accuracy, fit_digit_classifier, load_digits  # noqa: E402
 from hfgen.training import train_diffusion  # noqa: E402
@@ -58,32 +59,17 @@ NAMES = {"unet": "U-Net", "dit": "DiT", "rin": "RIN"}
 
 RECIPES: dict[str, dict] = {
     "unet": {
-        "config": {  # 3 levels (32, 16, 8 px), attention at 8x8 only
-            "block_out_channels": [16, 32, 64],
-            "layers_per_block": 1,
-            "attention_levels": [False, False, True],
-            "attention_head_dim": 32,
-            "norm_num_groups": 8,
-        },
+        "config": hfgen.UNET_PRESETS["unet-mnist"],  # 3 levels (32, 16, 8 px), attention at 8x8 only
         "learning_rate": 2e-3,
         "flags": [],
     },
     "dit": {
-        "config": {"depth": 4, "hidden_size": 128, "num_heads": 4, "patch_size": 4},  # 64 tokens of 4x4 pixels
+        "config": hfgen.DIT_PRESETS["DiT-mnist/4"],  # 64 tokens of 4x4 pixels
         "learning_rate": 1e-3,
         "flags": [],
     },
     "rin": {
-        "config": {  # 64 interface tokens (4x4 patches), 32 latents
-            "patch_size": 4,
-            "interface_dim": 64,
-            "num_latents": 32,
-            "latent_dim": 128,
-            "num_blocks": 2,
-            "compute_depth": 2,
-            "num_heads": 4,
-            "rw_num_heads": 4,
-        },
+        "config": hfgen.RIN_PRESETS["RIN-mnist"],  # 64 interface tokens (4x4 patches), 32 latents
         "learning_rate": 1e-3,
         "flags": ["--self_cond_prob", "0.5"],
     },

@@ -427,5 +427,6 @@ DIT_PRESETS.update(
         "DiT-tiny/2": {"depth": 2, "hidden_size": 32, "num_heads": 2, "patch_size": 2},  # tests
         "DiT-mini/2": {"depth": 6, "hidden_size": 192, "num_heads": 3, "patch_size": 2},  # CPU training
         "DiT-mini/4": {"depth": 6, "hidden_size": 192, "num_heads": 3, "patch_size": 4},  # CPU training, faster
+        "DiT-mnist/4": {"depth": 4, "hidden_size": 128, "num_heads": 4, "patch_size": 4},  # class-cond. MNIST, 1.28M
     }
 )

@@ -431,6 +431,16 @@ RIN_PRESETS: dict[str, dict] = {
         "num_heads": 4,
         "rw_num_heads": 4,
     },
+    "RIN-mnist": {  # class-conditional MNIST at 32x32 on a CPU: 64 interface tokens (4x4 patches), 32 latents, 1.52M
+        "patch_size": 4,
+        "interface_dim": 64,
+        "num_latents": 32,
+        "latent_dim": 128,
+        "num_blocks": 2,
+        "compute_depth": 2,
+        "num_heads": 4,
+        "rw_num_heads": 4,
+    },
     "RIN-cifar": {  # the paper's CIFAR-10 model (official pix2seq config: 3 blocks x 2 layers, 128 x 512 latents),
         # without hfgen's interface additions
         "patch_size": 2,

@@ -593,6 +593,14 @@ UNET_PRESETS: dict[str, dict] = {
         "attention_head_dim": 32,
         "norm_num_groups": 8,
     },
+    # class-conditional MNIST at 32x32 on a CPU (benchmarks/bench_class_conditional.py): attention at 8x8 only, 0.72M
+    "unet-mnist": {
+        "block_out_channels": (16, 32, 64),
+        "layers_per_block": 1,
+        "attention_levels": (False, False, True),
+        "attention_head_dim": 32,
+        "norm_num_groups": 8,
+    },
     # the DDPM CIFAR-10 shape at 32x32, scaled down
     "unet-base": {
         "block_out_channels": (64, 128, 256),

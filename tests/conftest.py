@@ -13,6 +13,18 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest and avoids oversubscription
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one intra-op thread and gives it back: a script or benchmark under test may set its own
+    count (bench_quality/bench_speed default to 2), and tiny models on a busy 2-core machine run up to ~100x slower
+    with two threads spin-waiting than with one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_PATH = ROOT.parent / "shared" / "data" / "mnist10k.npz"
 

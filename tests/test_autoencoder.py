@@ -16,15 +16,6 @@ from hfgen.data import image_transform, make_shapes_dataset
 TINY = AUTOENCODER_PRESETS["ae-tiny"]  # f = 4, 4 latent channels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs run ~100x slower with 2 intra-op threads on an oversubscribed machine (spin-waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(cls=VAEModel, channels=3, seed=0):
     torch.manual_seed(seed)
     return cls(**TINY, in_channels=channels, out_channels=channels, sample_size=16).eval()

@@ -71,14 +71,6 @@ SCRIPTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def checkpoints(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("checkpoint-*"))
 

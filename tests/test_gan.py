@@ -12,15 +12,6 @@ from hfgen.training.train_gan import discriminator_loss, generator_loss, r1_pena
 G_TINY, D_TINY = GAN_PRESETS["dcgan-tiny"]  # latent_dim 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs run ~100x slower with 2 intra-op threads on an oversubscribed machine (spin-waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_g(num_classes=None, conditioning="concat", seed=0):
     torch.manual_seed(seed)
     return GANGenerator(**G_TINY, sample_size=16, num_classes=num_classes, class_conditioning=conditioning).eval()

@@ -16,15 +16,6 @@ from hfgen.metrics import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # on the shared, oversubscribed CPU a 2-thread pool spends most of its time waiting; 1 thread is ~10x faster here
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     from conftest import MNIST_PATH

@@ -27,14 +27,6 @@ DIT = ["--model", "dit", "--model_config", "DiT-tiny/2"]
 RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def train(tmp, monkeypatch, *extra) -> list[float]:
     """The loss of every micro-batch of a TINY run, in order."""
     losses = []

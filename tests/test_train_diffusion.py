@@ -27,15 +27,6 @@ TINY = [
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two busy cores: one intra-op thread is several times faster than two here, and results do not change."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(tmp, *extra):
     main(parse_args([*TINY, "--output_dir", str(tmp), *extra]))
 
