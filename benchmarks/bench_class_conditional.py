@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ARTIFACTS, CLASSIFIER, MNIST, header, write_results  # noqa: E402
 
 import hfgen  # noqa: E402
-from hfgen.metrics import DigitClassifier, fit_digit_classifier, load_digits  # noqa: E402
+from hfgen.metrics import DigitClassifier, asked_label_share, fit_digit_classifier, load_digits  # noqa: E402
 from hfgen.pipelines import HFGenPipeline  # noqa: E402
 from hfgen.schedulers import DDIMScheduler  # noqa: E402
 from hfgen.training import train_diffusion  # noqa: E402
@@ -210,13 +210,7 @@ def grid_image(images: torch.Tensor, per_class: int, scale: int = 2) -> PIL.Imag
     )
 
 
-@torch.no_grad()
-def score(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, list[float]]:
-    """images (N, 1, 32, 32) in [0, 1] -> (fraction read as the asked label, the same per class)."""
-    preds = classifier(images * 2 - 1).argmax(-1)  # the classifier takes [-1, 1]
-    hit = (preds == labels).float()
-    per_class = [round(hit[labels == c].mean().item(), 3) for c in range(NUM_CLASSES)]
-    return hit.mean().item(), per_class
+score = asked_label_share  # eval_class_conditional.py and eval_ae_gan.py import it from here
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -43,7 +43,13 @@ import torch  # noqa: E402
 
 import hfgen  # noqa: E402
 from hfgen import HFGenPipeline  # noqa: E402
-from hfgen.metrics import DigitClassifier, classifier_accuracy, fit_digit_classifier, load_digits  # noqa: E402
+from hfgen.metrics import (  # noqa: E402
+    DigitClassifier,
+    asked_label_share,
+    classifier_accuracy,
+    fit_digit_classifier,
+    load_digits,
+)
 from hfgen.training import train_diffusion  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,13 +123,6 @@ def train_flags(model: str, config_path: Path, output_dir: Path, args: argparse.
         *recipe["flags"],
     ]  # fmt: skip
     return flags
-
-
-@torch.no_grad()
-def asked_digit_share(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, list]:
-    """images (N, 1, 32, 32) in [0, 1] -> (share read as the asked label, the same per class)."""
-    hit = (classifier(images * 2 - 1).argmax(-1) == labels).float()  # the classifier takes [-1, 1]
-    return hit.mean().item(), [round(hit[labels == c].mean().item(), 3) for c in range(NUM_CLASSES)]
 
 
 def class_grid(images: torch.Tensor, per_class: int, columns: int) -> torch.Tensor:
@@ -229,7 +228,7 @@ def main(args: argparse.Namespace) -> dict:
         sample_seconds = time.perf_counter() - start
 
         # 3. score
-        score, per_class = asked_digit_share(classifier, images, labels)
+        score, per_class = asked_label_share(classifier, images, labels)
         results.append(
             {
                 "model": model,

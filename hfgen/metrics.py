@@ -168,6 +168,16 @@ def fit_digit_classifier(
 
 
 @torch.no_grad()
+@torch.no_grad()
+def asked_label_share(
+    classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, num_classes: int = 10
+) -> tuple[float, list[float]]:
+    """Samples (N, 1, 32, 32) in [0, 1] drawn for ``labels`` -> (the fraction the classifier reads as the asked label,
+    the same per class, rounded to 3 digits)."""
+    hit = (classifier(images * 2 - 1).argmax(-1) == labels).float()  # the classifier takes [-1, 1]
+    return hit.mean().item(), [round(hit[labels == c].mean().item(), 3) for c in range(num_classes)]
+
+
 def classifier_accuracy(
     model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500
 ) -> float:
