@@ -255,3 +255,32 @@ def test_hub_dataset_name_offline_not_cached_names_it(tmp_path):
     _mnist_like(np.zeros((2, 28, 28), np.uint8), np.array([0, 1])).to_parquet(str(repo / "train.parquet"))
     with pytest.raises(ValueError, match=r"label_column 'digit' .*\['image', 'label'\]"):
         load_image_dataset(dataset_name=repo, label_column="digit", cache_dir=str(tmp_path / "cache"))
+
+
+def test_training_images_are_transformed_once_when_cached():
+    """train_diffusion keeps each transformed image after its first epoch when the transform is deterministic; a
+    random crop (a Hub set without --center_crop / --pad_images) is never frozen into the cache."""
+    from hfgen.training.train_diffusion import TrainExamples, image_cache_fits, parse_args
+
+    dataset = make_shapes_dataset(num_images=6, image_size=16, seed=0)
+    calls = []
+    transform = image_transform(16, 3)
+
+    def counting(image):
+        calls.append(1)
+        return transform(image)
+
+    cached = TrainExamples(dataset, counting, cache_images=True)
+    first = [cached[i]["x"] for i in range(6)]
+    second = [cached[i]["x"] for i in reversed(range(6))][::-1]
+    assert len(calls) == 6  # the second epoch reads the cache
+    for a, b, c in zip(first, second, (TrainExamples(dataset, transform)[i]["x"] for i in range(6))):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    args = parse_args(["--output_dir", "unused", "--resolution", "16"])
+    assert image_cache_fits(args, dataset, 3)  # the built-in shapes
+    hub = parse_args(["--output_dir", "unused", "--resolution", "16", "--dataset_name", "user/images"])
+    assert not image_cache_fits(hub, dataset, 3)  # random crops
+    hub_centred = parse_args(["--output_dir", "unused", "--dataset_name", "user/images", "--center_crop"])
+    assert image_cache_fits(hub_centred, dataset, 3)
+    workers = parse_args(["--output_dir", "unused", "--dataloader_num_workers", "2"])
+    assert not image_cache_fits(workers, dataset, 3)  # each worker would keep its own copy

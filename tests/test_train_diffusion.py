@@ -207,19 +207,26 @@ def test_sigkill_then_resume_latest_matches_uninterrupted(tmp_path):
     assert_same_weights(weights(killed), weights(tmp_path / "straight"), atol=1e-6)
 
 
-def test_text_conditioning_and_tensorboard(tmp_path):
+def tiny_text_encoder_folder(folder: Path) -> Path:
+    """A random 1-layer CLIP text encoder and a tokenizer trained on the shapes captions, saved as --text_encoder."""
     from transformers import CLIPTextModel
 
     from hfgen.clip import small_clip_config, train_clip_tokenizer
     from hfgen.data import SHAPE_PAIRS
-    from hfgen.pipelines import HFGenTextToImagePipeline
 
     tokenizer = train_clip_tokenizer([f"a {c} {s}" for c, s in SHAPE_PAIRS], vocab_size=300, model_max_length=8)
     config = small_clip_config(tokenizer, text_width=32, text_layers=1, num_heads=2, vision_width=32, vision_layers=1,
                                projection_dim=32)  # fmt: skip
-    encoder_dir = tmp_path / "clip"
-    CLIPTextModel(config.text_config).save_pretrained(encoder_dir / "text_encoder")
-    tokenizer.save_pretrained(encoder_dir / "tokenizer")
+    torch.manual_seed(0)
+    CLIPTextModel(config.text_config).save_pretrained(folder / "text_encoder")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    return folder
+
+
+def test_text_conditioning_and_tensorboard(tmp_path):
+    from hfgen.pipelines import HFGenTextToImagePipeline
+
+    encoder_dir = tiny_text_encoder_folder(tmp_path / "clip")
     out = tmp_path / "out"
     run(out, "--conditioning", "text", "--text_encoder", str(encoder_dir), "--max_train_steps", "2",
         "--validation_steps", "2", "--validation_prompts", "a red circle", "--report_to", "tensorboard")  # fmt: skip
@@ -228,6 +235,45 @@ def test_text_conditioning_and_tensorboard(tmp_path):
     assert pipe.denoiser.config.cross_attention_dim == 32
     images = pipe(prompt=["a blue square"], num_inference_steps=2, guidance_scale=2.0, output_type="np").images
     assert images.shape == (1, 16, 16, 3)
+
+
+def test_prompt_cache_encodes_each_caption_once_and_matches_encoding(tmp_path):
+    from hfgen.training.train_diffusion import PromptEmbeddingCache, encode_prompts, load_text_encoder
+
+    encoder, tokenizer = load_text_encoder(str(tiny_text_encoder_folder(tmp_path)))
+    encoded = []
+    forward = encoder.forward
+
+    def counting_forward(*args, input_ids=None, **kwargs):
+        encoded.append(input_ids.shape[0])
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    encoder.forward = counting_forward
+    cache = PromptEmbeddingCache(encoder, tokenizer, "cpu", max_entries=3)
+    prompts = ["a red circle", "", "a blue square", "a red circle", ""]
+    tokens, mask = cache(prompts)
+    assert encoded == [3]  # the three distinct captions, once
+    direct_tokens, direct_mask = encode_prompts(encoder, tokenizer, prompts, "cpu")
+    torch.testing.assert_close(tokens, direct_tokens, rtol=1e-5, atol=1e-6)
+    assert torch.equal(mask, direct_mask)
+    encoded.clear()
+    cache(["a blue square", "a red circle"])
+    assert encoded == []  # all cached
+    cache(["a green triangle"])  # the least recently used ("") is dropped
+    assert encoded == [1] and list(cache.rows) == ["a blue square", "a red circle", "a green triangle"]
+    encoded.clear()
+    PromptEmbeddingCache(encoder, tokenizer, "cpu", max_entries=0)(["a red circle", "a red circle"])
+    assert encoded == [2]  # off: every caption encoded
+
+
+def test_cached_text_embeddings_train_as_re_encoding(tmp_path):
+    encoder_dir = tiny_text_encoder_folder(tmp_path / "clip")
+    for size in ("0", "1024"):
+        run(tmp_path / size, "--conditioning", "text", "--text_encoder", str(encoder_dir), "--max_train_steps", "3",
+            "--checkpointing_steps", "100", "--num_validation_images", "1", "--text_cache_size", size)  # fmt: skip
+    assert_same_weights(weights(tmp_path / "0"), weights(tmp_path / "1024"), atol=1e-5)
+    with pytest.raises(ValueError, match="--text_cache_size"):
+        parse_args([*TINY, "--output_dir", str(tmp_path), "--text_cache_size", "-1"])
 
 
 def test_vae_latents(tmp_path, monkeypatch):

@@ -47,6 +47,7 @@ from hfgen.training_utils import (
     NonFiniteGuard,
     attach_ema,
     check_resume_arg,
+    fused_adam,
     load_checkpoint,
     load_train_dataset,
     log_image_grid,
@@ -255,7 +256,7 @@ def main(args: argparse.Namespace) -> dict:
     ema = EMAModel(vae.parameters(), decay=args.ema_decay) if args.use_ema else None
 
     # 3. optimiser
-    optimizer = torch.optim.AdamW(
+    optimizer = fused_adam(
         vae.parameters(),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),

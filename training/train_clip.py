@@ -47,6 +47,7 @@ from hfgen.training_utils import (
     NonFiniteGuard,
     attach_ema,
     check_resume_arg,
+    fused_adam,
     gather_with_grad,
     load_checkpoint,
     load_train_dataset,
@@ -297,7 +298,7 @@ def main(args: argparse.Namespace) -> dict:
     # 4. optimiser: no weight decay on gains, biases, embeddings' positions and the temperature (CLIP, Sec. 2.5)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "position_embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "position_embedding" not in n)]
-    optimizer = torch.optim.AdamW(
+    optimizer = fused_adam(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),

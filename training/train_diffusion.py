@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,7 @@ from hfgen.training_utils import (
     NonFiniteGuard,
     all_finite,
     attach_ema,
+    fused_adam,
     load_checkpoint,
     load_train_dataset,
     log_image_grid,
@@ -182,6 +184,36 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], device) -> tuple
         return text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask  # (B, L, D), (B, L)
 
 
+class PromptEmbeddingCache:
+    """The frozen text encoder's output for each caption, computed once and reused: a caption set that repeats
+    (the shapes data, a captioned folder) is encoded once per distinct caption instead of every micro-batch.
+
+    Captions are padded to the same max length as ``encode_prompts`` and the encoder is frozen, so a caption's rows
+    do not depend on the batch it came in (up to float rounding of the batch size). At most ``max_entries`` captions
+    are kept (least recently used dropped); 0 turns the cache off.
+    """
+
+    def __init__(self, text_encoder, tokenizer, device, max_entries: int):
+        self.text_encoder, self.tokenizer, self.device, self.max_entries = text_encoder, tokenizer, device, max_entries
+        self.rows: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.max_entries == 0:
+            return encode_prompts(self.text_encoder, self.tokenizer, prompts, self.device)
+        distinct = list(dict.fromkeys(prompts))
+        missing = [p for p in distinct if p not in self.rows]
+        if missing:
+            tokens, mask = encode_prompts(self.text_encoder, self.tokenizer, missing, self.device)
+            self.rows.update((p, (t.clone(), m.clone())) for p, t, m in zip(missing, tokens, mask))
+        for p in distinct:
+            self.rows.move_to_end(p)
+        tokens = torch.stack([self.rows[p][0] for p in prompts])
+        mask = torch.stack([self.rows[p][1] for p in prompts])
+        while len(self.rows) > self.max_entries:  # after the batch is read, so a batch larger than the cache works
+            self.rows.popitem(last=False)
+        return tokens, mask
+
+
 def load_vae(path: str):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--vae {path!r} is not a folder")
@@ -230,23 +262,45 @@ class EpochSampler(torch.utils.data.Sampler):
 
 class TrainExamples(torch.utils.data.Dataset):
     """Index -> {"x": image (C, H, W) in [-1, 1] or cached latent moments, "label": int, "text": str}; labels and
-    captions are read once, so with cached latents no image is decoded during training."""
+    captions are read once, so with cached latents no image is decoded during training. With ``cache_images`` (a
+    deterministic transform) each image is decoded and transformed once and kept, instead of once per epoch."""
 
-    def __init__(self, dataset, transform, latents: torch.Tensor | None = None):
+    def __init__(self, dataset, transform, latents: torch.Tensor | None = None, cache_images: bool = False):
         self.dataset, self.transform, self.latents = dataset, transform, latents
         self.labels = list(dataset["label"]) if "label" in dataset.column_names else None
         self.texts = list(dataset["text"]) if "text" in dataset.column_names else None
+        self.images: dict[int, torch.Tensor] | None = {} if cache_images and latents is None else None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def image(self, i: int) -> torch.Tensor:
+        if self.images is not None and i in self.images:
+            return self.images[i]
+        x = self.transform(self.dataset[i]["image"])  # (C, H, W)
+        if self.images is not None:
+            self.images[i] = x
+        return x
+
     def __getitem__(self, i: int) -> dict:
-        item = {"x": self.transform(self.dataset[i]["image"]) if self.latents is None else self.latents[i]}
+        item = {"x": self.image(i) if self.latents is None else self.latents[i]}
         if self.labels is not None:
             item["label"] = int(self.labels[i])
         if self.texts is not None:
             item["text"] = self.texts[i] or ""
         return item
+
+
+IMAGE_CACHE_BYTES = 2**30  # keep the transformed training images in memory when they fit in 1 GiB
+
+
+def image_cache_fits(args, dataset, channels: int) -> bool:
+    """Whether ``TrainExamples`` may keep every transformed image: the transform is deterministic (padding, a centre
+    crop, or the square built-in shapes / MNIST, where the random crop has nothing to choose), the images fit in
+    ``IMAGE_CACHE_BYTES`` as float32, and no data-loader worker would keep a copy of its own."""
+    deterministic = args.pad_images or args.center_crop or not (args.dataset_name or args.train_data_dir)
+    size = len(dataset) * channels * args.resolution**2 * 4
+    return deterministic and size <= IMAGE_CACHE_BYTES and args.dataloader_num_workers == 0
 
 
 def collate(items: list[dict]) -> dict:
@@ -372,6 +426,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--text_encoder", default=None, help="folder with a CLIPTextModel and CLIPTokenizer (frozen)")
     p.add_argument("--vae", default=None, help="folder of an hfgen VAEModel or AutoencoderModel: train on its latents")
+    p.add_argument(
+        "--text_cache_size",
+        type=int,
+        default=1024,
+        help="text conditioning: keep the frozen text encoder's output for this many distinct captions (0: off)",
+    )
     p.add_argument("--self_cond_prob", type=float, default=0.9, help="RIN: probability of latent self-conditioning")
     p.add_argument("--gradient_checkpointing", action="store_true")
     # speed
@@ -508,6 +568,8 @@ def check_args(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.text_cache_size < 0:
+        raise ValueError(f"--text_cache_size must be >= 0 (0 turns the cache off), got {args.text_cache_size}")
     for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit", "num_classes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -622,6 +684,7 @@ def main(args: argparse.Namespace) -> None:
             raise ValueError(f"--conditioning text needs a caption column; the data set has {dataset.column_names}")
         text_encoder, tokenizer = load_text_encoder(args.text_encoder)
         text_encoder.to(device)
+        embed_prompts = PromptEmbeddingCache(text_encoder, tokenizer, device, args.text_cache_size)
 
     latents = None
     if vae is not None:
@@ -632,7 +695,7 @@ def main(args: argparse.Namespace) -> None:
         in_channels, sample_size = vae.config.latent_channels, args.resolution // f
     else:
         in_channels, sample_size = channels, args.resolution
-    examples = TrainExamples(dataset, transform, latents)
+    examples = TrainExamples(dataset, transform, latents, cache_images=image_cache_fits(args, dataset, channels))
 
     global_batch = args.train_batch_size * accelerator.num_processes
     if len(examples) < global_batch:
@@ -665,7 +728,7 @@ def main(args: argparse.Namespace) -> None:
         beta_end=args.beta_end,
         prediction_type=args.prediction_type if args.objective == "diffusion" else "epsilon",
     )  # diffusion's forward process; flow matching only reads num_train_timesteps from args
-    optimizer = torch.optim.AdamW(
+    optimizer = fused_adam(
         model.parameters(),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
@@ -741,7 +804,7 @@ def main(args: argparse.Namespace) -> None:
         if args.conditioning == "class":
             cond["class_labels"] = drop_class_labels(batch["label"], drop, num_classes)
         elif args.conditioning == "text":
-            tokens, mask = encode_prompts(text_encoder, tokenizer, drop_captions(batch["text"], drop), device)
+            tokens, mask = embed_prompts(drop_captions(batch["text"], drop))
             cond["encoder_hidden_states"], cond["encoder_attention_mask"] = tokens.to(weight_dtype), mask
 
         # 3. the forward process and the target of the objective

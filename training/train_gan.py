@@ -54,6 +54,7 @@ from hfgen.training_utils import (
     attach_ema,
     check_resume_arg,
     convert_sync_batchnorm,
+    fused_adam,
     load_checkpoint,
     load_train_dataset,
     log_image_grid,
@@ -309,8 +310,9 @@ def main(args: argparse.Namespace) -> dict:
     ema = EMAModel(G.parameters(), decay=args.ema_decay) if args.use_ema else None
 
     # 3. optimisers (TTUR)
-    g_opt = torch.optim.Adam(G.parameters(), lr=args.g_lr, betas=(args.adam_beta1, args.adam_beta2))
-    d_opt = torch.optim.Adam(D.parameters(), lr=args.d_lr, betas=(args.adam_beta1, args.adam_beta2))
+    betas = (args.adam_beta1, args.adam_beta2)
+    g_opt = fused_adam(G.parameters(), decoupled_weight_decay=False, lr=args.g_lr, betas=betas)
+    d_opt = fused_adam(D.parameters(), decoupled_weight_decay=False, lr=args.d_lr, betas=betas)
     steps_per_epoch = len(loader)
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)

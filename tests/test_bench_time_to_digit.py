@@ -1,0 +1,68 @@
+"""benchmarks/bench_time_to_digit.py: chunked training that equals one run, scored after every chunk."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_time_to_digit as bench  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """bench.main sets torch's thread count (--threads): no later test may inherit it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def denoiser_weights(folder: Path) -> dict:
+    return load_file(folder / "denoiser" / "diffusion_pytorch_model.safetensors")
+
+
+def test_quick_run_scores_every_chunk_and_chunks_train_as_one_run(mnist_path, tmp_path):
+    argv = ["--quick", "--models", "rin", "--mnist", str(mnist_path), "--output_dir", str(tmp_path / "chunked"),
+            "--set", "num_latents=8", "--set", "learning_rate=5e-4"]  # fmt: skip
+    report = bench.main(bench.parse_args(argv))
+
+    (r,) = report["models"]
+    assert [p["steps"] for p in r["curve"]] == [2, 4] and r["minutes_to_target"] is None
+    assert all(0.0 <= p["share"] <= 1.0 and p["minutes"] > 0 for p in r["curve"])
+    assert r["config"]["num_latents"] == 8 and r["learning_rate"] == 5e-4
+    assert json.loads((tmp_path / "chunked" / "results.json").read_text()) == json.loads(json.dumps(report))
+    assert Path(r["grid"]).exists()
+
+    # the same recipe in one uninterrupted 4-step run: the chunked run resumed exactly
+    args = bench.parse_args(argv)
+    settings, _ = bench.recipe("rin", args)
+    config = tmp_path / "chunked" / "rin_config.json"
+    flags = bench.chunk_flags("rin", settings, config, tmp_path / "straight", 4, 2, args)
+    bench.train_diffusion.main(bench.train_diffusion.parse_args(flags))
+    straight, chunked = denoiser_weights(tmp_path / "straight"), denoiser_weights(tmp_path / "chunked" / "rin")
+    assert straight.keys() == chunked.keys()
+    for key, value in straight.items():
+        torch.testing.assert_close(chunked[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_used_output_dir_is_refused(mnist_path, tmp_path):
+    (tmp_path / "rin").mkdir()
+    (tmp_path / "rin" / "checkpoint-2").mkdir()
+    args = bench.parse_args(["--quick", "--models", "rin", "--mnist", str(mnist_path), "--output_dir", str(tmp_path)])
+    with pytest.raises(FileExistsError, match="not empty"):
+        bench.main(args)
+
+
+def test_overrides_are_parsed_and_bad_ones_named(mnist_path):
+    assert bench.parse_overrides(["learning_rate=2e-3", "num_latents=64", "name=x"]) == {
+        "learning_rate": 2e-3,
+        "num_latents": 64,
+        "name": "x",
+    }
+    with pytest.raises(ValueError, match="--set takes key=value"):
+        bench.parse_overrides(["num_latents"])
+    with pytest.raises(ValueError, match="--target"):
+        bench.parse_args(["--mnist", str(mnist_path), "--target", "1.5"])
