@@ -16,6 +16,8 @@ few seconds of start-up (data, model, checkpoint) and final save; scoring is not
 
 ``--set key=value`` changes the recipe for an ablation: ``learning_rate``, ``batch_size`` and ``self_cond_prob`` are
 the optimiser's and the training script's, any other key goes into the network's config (e.g. ``num_latents=64``).
+Next to the share, every evaluation records the held-out x0 error (256 test digits noised to t = 300 and 700, right
+label): it moves long before the samples become readable, so short ablations can be compared by it.
 """
 
 from __future__ import annotations
@@ -27,15 +29,21 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_class_conditional as bcc  # noqa: E402
 from common import ARTIFACTS, CLASSIFIER, MNIST, header, write_results  # noqa: E402
 
+from hfgen import objectives  # noqa: E402
+from hfgen.metrics import load_digits  # noqa: E402
 from hfgen.pipelines import HFGenPipeline  # noqa: E402
 from hfgen.training import train_diffusion  # noqa: E402
 
 RECIPE_KEYS = ("learning_rate", "batch_size", "self_cond_prob")
+X0_TIMESTEPS = (300, 700)  # noise levels of the held-out x0 error
+X0_DIGITS = 256  # held-out digits it is measured on
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -87,10 +95,37 @@ def chunk_flags(model: str, settings: dict, config_path: Path, work: Path, total
     return flags
 
 
-def asked_digit_share(work: Path, args, classifier) -> tuple[float, torch.Tensor]:
-    """Score the pipeline the last chunk saved (EMA weights): share read as the asked digit, and the images."""
+@torch.no_grad()
+def heldout_x0_error(denoiser, scheduler, digits: torch.Tensor, labels: torch.Tensor, seed: int) -> dict[str, float]:
+    """MSE of the predicted clean digit on held-out digits (B, 1, 32, 32) noised to each of ``X0_TIMESTEPS``, with
+    the right label: a low-noise sign of learning that moves long before the samples become readable. A
+    self-conditioning denoiser gets its own first-pass latents, as in training."""
+    eps = torch.randn(digits.shape, generator=torch.Generator().manual_seed(seed))
+    errors = {}
+    for t in X0_TIMESTEPS:
+        if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):  # sigma = t / 1000, x_t = (1 - sigma) x0 + sigma eps
+            sigma, kind = torch.tensor(t / 1000.0), "flow_prediction"
+            alpha = 1 - sigma
+        else:
+            alpha_bar = scheduler.alphas_cumprod[t]
+            alpha, sigma, kind = alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), scheduler.config.prediction_type
+        x_t = alpha * digits + sigma * eps
+        timesteps = torch.full((len(digits),), t)
+        kwargs = {"class_labels": labels}
+        if getattr(denoiser, "self_conditioning", False):
+            kwargs["prev_latents"] = denoiser(x_t, timesteps, **kwargs).latents
+        x0 = objectives.predicted_x0(denoiser(x_t, timesteps, **kwargs).sample, x_t, alpha, sigma, kind)
+        errors[str(t)] = round(F.mse_loss(x0, digits).item(), 5)
+    return errors
+
+
+def evaluate(work: Path, args, classifier) -> tuple[float, dict[str, float], torch.Tensor]:
+    """Score the pipeline the last chunk saved (EMA weights): the share read as the asked digit, the held-out x0
+    errors, and the sampled images."""
     pipe = HFGenPipeline.from_pretrained(work)
     pipe.scheduler = bcc.evaluation_scheduler(pipe.scheduler)
+    digits, digit_labels = (v[:X0_DIGITS] for v in load_digits(args.mnist, "test"))
+    x0_error = heldout_x0_error(pipe.denoiser.eval(), pipe.scheduler, digits, digit_labels, args.seed)
     pipe.set_progress_bar_config(disable=True)
     labels = torch.arange(bcc.NUM_CLASSES).repeat_interleave(args.per_class)  # (N,) class-major
     noise = torch.randn((len(labels), 1, 32, 32), generator=torch.Generator().manual_seed(args.seed + 1))
@@ -103,7 +138,7 @@ def asked_digit_share(work: Path, args, classifier) -> tuple[float, torch.Tensor
         output_type="pt",
     ).images  # (N, 1, 32, 32) in [0, 1]
     share, _ = bcc.score(classifier, images, labels)
-    return share, images
+    return share, x0_error, images
 
 
 def run_model(model: str, args, classifier) -> dict:
@@ -137,8 +172,8 @@ def run_model(model: str, args, classifier) -> dict:
             train_diffusion.parse_args(chunk_flags(model, settings, config_path, work, steps, chunk, args))
         )
         train_seconds += time.perf_counter() - start
-        share, images = asked_digit_share(work, args, classifier)
-        point = {"steps": steps, "minutes": round(train_seconds / 60, 2), "share": share}
+        share, x0_error, images = evaluate(work, args, classifier)
+        point = {"steps": steps, "minutes": round(train_seconds / 60, 2), "share": share, "x0_error": x0_error}
         result["curve"].append(point)
         print(f"[{model}] {json.dumps(point)}", flush=True)
         if share >= args.target:
@@ -153,12 +188,15 @@ def run_model(model: str, args, classifier) -> dict:
 def markdown(report: dict) -> str:
     target = f"{100 * report['target']:.0f}%"
     lines = [
-        f"| model | recipe | chunk (steps) | asked digit at g={report['guidance_scale']:g} after (min: share) | "
+        f"| model | recipe | chunk (steps) | asked digit at g={report['guidance_scale']:g} after (min: share "
+        "(held-out x0 error at t=700)) | "
         f"minutes to {target} |",
         "| --- | --- | --- | --- | --- |",
     ]
     for r in report["models"]:
-        curve = ", ".join(f"{p['minutes']:.1f}: {100 * p['share']:.0f}%" for p in r["curve"])
+        curve = ", ".join(
+            f"{p['minutes']:.1f}: {100 * p['share']:.0f}% ({p['x0_error']['700']:.3f})" for p in r["curve"]
+        )
         reached = f"**{r['minutes_to_target']:.1f}**" if r["minutes_to_target"] is not None else "not reached"
         settings = f"batch {r['batch_size']}, lr {r['learning_rate']:g}, self-cond {r['self_cond_prob']}"
         lines.append(

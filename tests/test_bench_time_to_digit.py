@@ -32,6 +32,7 @@ def test_quick_run_scores_every_chunk_and_chunks_train_as_one_run(mnist_path, tm
     (r,) = report["models"]
     assert [p["steps"] for p in r["curve"]] == [2, 4] and r["minutes_to_target"] is None
     assert all(0.0 <= p["share"] <= 1.0 and p["minutes"] > 0 for p in r["curve"])
+    assert all(set(p["x0_error"]) == {"300", "700"} and min(p["x0_error"].values()) > 0 for p in r["curve"])
     assert r["config"]["num_latents"] == 8 and r["learning_rate"] == 5e-4
     assert json.loads((tmp_path / "chunked" / "results.json").read_text()) == json.loads(json.dumps(report))
     assert Path(r["grid"]).exists()
@@ -66,3 +67,37 @@ def test_overrides_are_parsed_and_bad_ones_named(mnist_path):
         bench.parse_overrides(["num_latents"])
     with pytest.raises(ValueError, match="--target"):
         bench.parse_args(["--mnist", str(mnist_path), "--target", "1.5"])
+
+
+@pytest.mark.parametrize("objective", ["v_prediction", "flow"])
+def test_heldout_x0_error_is_zero_for_an_oracle_and_not_for_a_wrong_denoiser(objective):
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from hfgen.schedulers import DDIMScheduler
+
+    digits = torch.rand(8, 1, 32, 32) * 2 - 1
+    seed = 3
+    eps = torch.randn(digits.shape, generator=torch.Generator().manual_seed(seed))  # the noise the function draws
+    if objective == "flow":
+        scheduler = FlowMatchEulerDiscreteScheduler()
+    else:
+        scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+
+    def oracle(x_t, timesteps, class_labels=None):
+        t = int(timesteps[0])
+        if objective == "flow":
+            out = eps - digits  # the velocity
+        else:
+            alpha_bar = scheduler.alphas_cumprod[t]
+            out = alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * digits  # v
+        return SimpleNamespace(sample=out)
+
+    errors = bench.heldout_x0_error(oracle, scheduler, digits, torch.zeros(8, dtype=torch.long), seed)
+    assert set(errors) == {"300", "700"} and max(errors.values()) < 1e-6
+    zeros = bench.heldout_x0_error(
+        lambda x_t, t, class_labels=None: SimpleNamespace(sample=torch.zeros_like(x_t)), scheduler, digits,
+        torch.zeros(8, dtype=torch.long), seed,
+    )  # fmt: skip
+    assert min(zeros.values()) > 0.01
