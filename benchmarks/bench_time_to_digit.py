@@ -98,8 +98,9 @@ def chunk_flags(model: str, settings: dict, config_path: Path, work: Path, total
 @torch.no_grad()
 def heldout_x0_error(denoiser, scheduler, digits: torch.Tensor, labels: torch.Tensor, seed: int) -> dict[str, float]:
     """MSE of the predicted clean digit on held-out digits (B, 1, 32, 32) noised to each of ``X0_TIMESTEPS``, with
-    the right label: a low-noise sign of learning that moves long before the samples become readable. A
-    self-conditioning denoiser gets its own first-pass latents, as in training."""
+    the right label (key "t") and with a wrong one (the next digit, key "t_wrong"): a low-noise sign of learning
+    that moves long before the samples become readable, and the gap between the two shows how much the label is
+    used. A self-conditioning denoiser gets its own first-pass latents, as in training."""
     eps = torch.randn(digits.shape, generator=torch.Generator().manual_seed(seed))
     errors = {}
     for t in X0_TIMESTEPS:
@@ -111,11 +112,12 @@ def heldout_x0_error(denoiser, scheduler, digits: torch.Tensor, labels: torch.Te
             alpha, sigma, kind = alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), scheduler.config.prediction_type
         x_t = alpha * digits + sigma * eps
         timesteps = torch.full((len(digits),), t)
-        kwargs = {"class_labels": labels}
-        if getattr(denoiser, "self_conditioning", False):
-            kwargs["prev_latents"] = denoiser(x_t, timesteps, **kwargs).latents
-        x0 = objectives.predicted_x0(denoiser(x_t, timesteps, **kwargs).sample, x_t, alpha, sigma, kind)
-        errors[str(t)] = round(F.mse_loss(x0, digits).item(), 5)
+        for key, y in ((str(t), labels), (f"{t}_wrong", (labels + 1) % bcc.NUM_CLASSES)):
+            kwargs = {"class_labels": y}
+            if getattr(denoiser, "self_conditioning", False):
+                kwargs["prev_latents"] = denoiser(x_t, timesteps, **kwargs).latents
+            x0 = objectives.predicted_x0(denoiser(x_t, timesteps, **kwargs).sample, x_t, alpha, sigma, kind)
+            errors[key] = round(F.mse_loss(x0, digits).item(), 5)
     return errors
 
 
@@ -189,13 +191,14 @@ def markdown(report: dict) -> str:
     target = f"{100 * report['target']:.0f}%"
     lines = [
         f"| model | recipe | chunk (steps) | asked digit at g={report['guidance_scale']:g} after (min: share "
-        "(held-out x0 error at t=700)) | "
+        "(held-out x0 error at t=700, right / wrong label)) | "
         f"minutes to {target} |",
         "| --- | --- | --- | --- | --- |",
     ]
     for r in report["models"]:
         curve = ", ".join(
-            f"{p['minutes']:.1f}: {100 * p['share']:.0f}% ({p['x0_error']['700']:.3f})" for p in r["curve"]
+            f"{p['minutes']:.1f}: {100 * p['share']:.0f}% ({p['x0_error']['700']:.3f} / {p['x0_error']['700_wrong']:.3f})"
+            for p in r["curve"]
         )
         reached = f"**{r['minutes_to_target']:.1f}**" if r["minutes_to_target"] is not None else "not reached"
         settings = f"batch {r['batch_size']}, lr {r['learning_rate']:g}, self-cond {r['self_cond_prob']}"
