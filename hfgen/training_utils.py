@@ -258,9 +258,11 @@ class GlobalBatchDraws:
         """Standard normal (b, *shape) on the device."""
         return torch.randn(self.global_batch, *shape, generator=self.generator)[self.rows].to(self.device)
 
-    def rand(self) -> torch.Tensor:
-        """Uniform [0, 1) (b,) on the device."""
-        return torch.rand(self.global_batch, generator=self.generator)[self.rows].to(self.device)
+    def rand(self, whole_batch: bool = False) -> torch.Tensor:
+        """Uniform [0, 1) (b,) on the device; ``whole_batch``: the global batch's (B,), the same on every rank (for a
+        decision every rank must take alike; ``rows`` selects this process's part)."""
+        u = torch.rand(self.global_batch, generator=self.generator)
+        return (u if whole_batch else u[self.rows]).to(self.device)
 
     def randint(self, high: int) -> torch.Tensor:
         """Integers in [0, high) (b,) on the device."""

@@ -97,20 +97,24 @@ def test_rin_self_conditioning(tmp_path, monkeypatch):
     calls = []
     forward = RINModel.forward
 
-    def recording_forward(self, *args, **kwargs):
+    def recording_forward(self, sample, *args, **kwargs):
         prev = kwargs.get("prev_latents")
-        calls.append((torch.is_grad_enabled(), None if prev is None else prev.detach().clone()))
-        return forward(self, *args, **kwargs)
+        out = forward(self, sample, *args, **kwargs)
+        calls.append((torch.is_grad_enabled(), None if prev is None else prev.detach().clone(), out.latents.detach()))
+        return out
 
     monkeypatch.setattr(RINModel, "forward", recording_forward)
     run(tmp_path, "--model", "rin", "--model_config", "RIN-tiny", "--max_train_steps", "2", "--self_cond_prob", "0.5",
         "--train_batch_size", "8", "--num_validation_images", "1")  # fmt: skip
     training = calls[:4]  # 2 steps x (first pass, real pass); sampling follows
-    assert [grad for grad, _ in training] == [False, True, False, True]
+    assert [grad for grad, _, _ in training] == [False, True, False, True]
     assert training[0][1] is None
-    prev = training[1][1]
+    prev, first_latents = training[1][1], training[0][2]
     row_is_zero = (prev == 0).flatten(1).all(dim=1)
     assert 0 < row_is_zero.sum() < 8, row_is_zero  # some rows self-conditioned, some not
+    # the first pass ran on the self-conditioning rows only, and its latents are theirs
+    assert len(first_latents) == int((~row_is_zero).sum())
+    torch.testing.assert_close(prev[~row_is_zero], first_latents)
     assert HFGenPipeline.from_pretrained(tmp_path).denoiser.config.num_latents == 8
 
 

@@ -363,6 +363,28 @@ def forward_process(args, noise_scheduler, x0: torch.Tensor, noise: torch.Tensor
     return noisy, timesteps, objectives.training_target(x0, noise, alpha, sigma, prediction_type), weights
 
 
+def self_conditioning_latents(model, noisy, timesteps, cond: dict, self_cond_global, rows: slice):
+    """RIN's previous latents for the real pass: the no-grad first pass's latents for the examples that
+    self-condition (``self_cond_global[rows]``), zeros for the others; None when no example of the global batch does.
+
+    The first pass runs on the self-conditioning examples only (half the batch at probability 0.5, not all of it).
+    Whether it runs at all is decided on the global batch, so every rank calls the model alike (a sharded model
+    gathers its weights in every forward); a rank none of whose examples self-conditions runs it on its whole batch
+    and keeps nothing.
+    """
+    if not self_cond_global.any():
+        return None
+    chosen = self_cond_global[rows]  # (b,) this process's examples
+    index = chosen.nonzero().squeeze(1) if chosen.any() else torch.arange(len(chosen), device=chosen.device)
+    sub_cond = {k: None if v is None else v[index] for k, v in cond.items()}
+    with torch.no_grad():
+        latents = model(noisy[index], timesteps[index], prev_latents=None, **sub_cond).latents  # (n, M, D)
+    prev = torch.zeros(len(chosen), *latents.shape[1:], device=latents.device, dtype=latents.dtype)
+    if chosen.any():
+        prev[index] = latents
+    return prev
+
+
 def objective_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """The mean over the batch of the per-example MSE (B,), times the loss weights when there are any."""
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
@@ -785,7 +807,7 @@ def main(args: argparse.Namespace) -> None:
         noise = draws.randn(*shape)
         flip = draws.rand() < 0.5 if args.random_flip else None
         drop = draws.rand() < args.cond_dropout
-        self_cond = draws.rand() < args.self_cond_prob
+        self_cond_global = draws.rand(whole_batch=True) < args.self_cond_prob  # (B,) the same on every rank
 
         # 1. clean sample x0: an image, or a latent drawn from its cached posterior (B, C, h, w)
         if latents is None:
@@ -814,12 +836,9 @@ def main(args: argparse.Namespace) -> None:
 
         # 4. RIN latent self-conditioning: a no-grad first pass, its latents fed to the real pass for some examples
         if self_conditioning:
-            prev = None
-            if self_cond.any():
-                with torch.no_grad():
-                    first = model(noisy, timesteps, prev_latents=None, **cond).latents.detach()
-                prev = torch.where(self_cond[:, None, None], first, torch.zeros_like(first))
-            cond["prev_latents"] = prev
+            cond["prev_latents"] = self_conditioning_latents(
+                model, noisy, timesteps, cond, self_cond_global, draws.rows
+            )
 
         # 5. loss, weighted by noise level (min-SNR, flow weighting) where the objective asks for it
         return objective_loss(model(noisy, timesteps, **cond).sample, target, weights)
