@@ -154,8 +154,10 @@ def batch_size(model: str, args) -> int:
     return 16 if args.quick else args.batch_size or RECIPES[model]["batch_size"]
 
 
-def train_flags(model: str, config_path: Path, output_dir: Path, steps: int, args) -> list[str]:
-    recipe = RECIPES[model]
+def train_flags(model: str, config_path: Path, output_dir: Path, steps: int, args, recipe: dict | None = None):
+    """train_diffusion's flags for ``model``: the recipe's (or ``recipe``'s: learning_rate, batch_size,
+    self_cond_prob) optimiser settings, the common and the objective's flags."""
+    recipe = recipe or {**RECIPES[model], "batch_size": batch_size(model, args)}
     flags = [
         "--model", model,
         "--model_config", str(config_path),
@@ -163,7 +165,7 @@ def train_flags(model: str, config_path: Path, output_dir: Path, steps: int, arg
         "--output_dir", str(output_dir),
         "--seed", str(args.seed),
         "--max_train_steps", str(steps),
-        "--train_batch_size", str(batch_size(model, args)),
+        "--train_batch_size", str(recipe["batch_size"]),
         "--learning_rate", str(recipe["learning_rate"]),
         "--lr_warmup_steps", str(min(50, max(1, steps // 10))),
         *COMMON_FLAGS,

@@ -72,27 +72,16 @@ def recipe(model: str, args) -> tuple[dict, dict]:
 
 
 def chunk_flags(model: str, settings: dict, config_path: Path, work: Path, total_steps: int, chunk: int, args):
-    flags = [
-        "--model", model,
-        "--model_config", str(config_path),
-        "--mnist_npz", str(args.mnist),
-        "--output_dir", str(work),
-        "--seed", str(args.seed),
-        "--max_train_steps", str(total_steps),
-        "--train_batch_size", str(settings["batch_size"]),
-        "--learning_rate", str(settings["learning_rate"]),
+    """bench_class_conditional's training flags with ``settings``, then what makes a run of chunks: a constant rate
+    after a warm-up that does not depend on the run's length, a checkpoint at the end of every chunk, resumed."""
+    return [
+        *bcc.train_flags(model, config_path, work, total_steps, args, recipe=settings),
         "--lr_warmup_steps", str(min(50, chunk)),
-        *bcc.COMMON_FLAGS,
-        *bcc.OBJECTIVE_FLAGS[args.objective],
-        # after the common flags, so these win: a constant rate, a checkpoint at the end of every chunk, resumed
         "--lr_scheduler", "constant_with_warmup",
         "--checkpointing_steps", str(chunk),
         "--checkpoints_total_limit", "1",
         "--resume_from_checkpoint", "latest",
     ]  # fmt: skip
-    if settings["self_cond_prob"] is not None:
-        flags += ["--self_cond_prob", str(settings["self_cond_prob"])]
-    return flags
 
 
 @torch.no_grad()
@@ -231,7 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.overrides = parse_overrides(args.overrides)
     if args.quick:
-        args.per_class, args.num_inference_steps, args.max_chunks = 2, 2, 2
+        args.per_class, args.num_inference_steps, args.max_chunks, args.threads = 2, 2, 2, 1
     if args.output_dir is None:
         args.output_dir = ARTIFACTS / ("time_to_digit_quick" if args.quick else "time_to_digit")
     if not 0 < args.target <= 1:

@@ -4,19 +4,10 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_class_conditional as bench  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    """bench.main sets torch's thread count (--threads): no later test may inherit it."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_grid_rows_are_asked_classes():

@@ -12,14 +12,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_time_to_digit as bench  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    """bench.main sets torch's thread count (--threads): no later test may inherit it."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def denoiser_weights(folder: Path) -> dict:
     return load_file(folder / "denoiser" / "diffusion_pytorch_model.safetensors")
 
