@@ -168,7 +168,6 @@ def fit_digit_classifier(
 
 
 @torch.no_grad()
-@torch.no_grad()
 def asked_label_share(
     classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, num_classes: int = 10
 ) -> tuple[float, list[float]]:
@@ -178,6 +177,7 @@ def asked_label_share(
     return hit.mean().item(), [round(hit[labels == c].mean().item(), 3) for c in range(num_classes)]
 
 
+@torch.no_grad()
 def classifier_accuracy(
     model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500
 ) -> float:

@@ -120,3 +120,16 @@ def test_shapes_judge_on_a_blank_image_and_bad_names():
         shape_color_accuracy(torch.zeros(1, 3, 32, 32), ["purple"], ["circle"])
     with pytest.raises(ValueError, match="one colour and one shape per image"):
         shape_color_accuracy(torch.zeros(2, 3, 32, 32), ["red"], ["circle"])
+
+
+def test_classifier_scores_run_without_autograd():
+    """classifier_accuracy and asked_label_share only read the classifier: no graph is built (memory on big sets)."""
+    from hfgen.metrics import DigitClassifier, asked_label_share, classifier_accuracy
+
+    classifier = DigitClassifier(channels=(8, 16, 16), feature_dim=32)
+    grad_enabled = []
+    classifier.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    images, labels = torch.rand(4, 1, 32, 32), torch.zeros(4, dtype=torch.long)
+    classifier_accuracy(classifier, images * 2 - 1, labels)
+    asked_label_share(classifier, images, labels)
+    assert grad_enabled == [False, False]
