@@ -156,7 +156,8 @@ def batch_size(model: str, args) -> int:
 
 def train_flags(model: str, config_path: Path, output_dir: Path, steps: int, args, recipe: dict | None = None):
     """train_diffusion's flags for ``model``: the recipe's (or ``recipe``'s: learning_rate, batch_size,
-    self_cond_prob) optimiser settings, the common and the objective's flags."""
+    self_cond_prob, optionally optimizer and adam_weight_decay) optimiser settings, the common and the objective's
+    flags."""
     recipe = recipe or {**RECIPES[model], "batch_size": batch_size(model, args)}
     flags = [
         "--model", model,
@@ -173,6 +174,9 @@ def train_flags(model: str, config_path: Path, output_dir: Path, steps: int, arg
     ]  # fmt: skip
     if recipe["self_cond_prob"] is not None:
         flags += ["--self_cond_prob", str(recipe["self_cond_prob"])]
+    for key in ("optimizer", "adam_weight_decay"):  # train_diffusion's defaults (AdamW, no decay) unless given
+        if key in recipe:
+            flags += [f"--{key}", str(recipe[key])]
     return flags
 
 

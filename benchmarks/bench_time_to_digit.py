@@ -14,8 +14,9 @@ chunk's checkpoint, so the chunks train exactly what one uninterrupted run would
 (25 trailing DDIM steps, the same noise every time). Training minutes are the wall time of the chunks, each with its
 few seconds of start-up (data, model, checkpoint) and final save; scoring is not counted.
 
-``--set key=value`` changes the recipe for an ablation: ``learning_rate``, ``batch_size`` and ``self_cond_prob`` are
-the optimiser's and the training script's, any other key goes into the network's config (e.g. ``num_latents=64``).
+``--set key=value`` changes the recipe for an ablation: ``learning_rate``, ``batch_size``, ``self_cond_prob``,
+``optimizer`` (``adamw`` / ``lamb``) and ``adam_weight_decay`` are the optimiser's and the training script's, any
+other key goes into the network's config (e.g. ``num_latents=64``).
 Next to the share, every evaluation records the held-out x0 error (256 test digits noised to t = 300 and 700, right
 label): it moves long before the samples become readable, so short ablations can be compared by it.
 """
@@ -41,7 +42,7 @@ from hfgen.metrics import load_digits  # noqa: E402
 from hfgen.pipelines import HFGenPipeline  # noqa: E402
 from hfgen.training import train_diffusion  # noqa: E402
 
-RECIPE_KEYS = ("learning_rate", "batch_size", "self_cond_prob")
+RECIPE_KEYS = ("learning_rate", "batch_size", "self_cond_prob", "optimizer", "adam_weight_decay")
 X0_TIMESTEPS = (300, 700)  # noise levels of the held-out x0 error
 X0_DIGITS = 256  # held-out digits it is measured on
 
@@ -191,6 +192,9 @@ def markdown(report: dict) -> str:
         )
         reached = f"**{r['minutes_to_target']:.1f}**" if r["minutes_to_target"] is not None else "not reached"
         settings = f"batch {r['batch_size']}, lr {r['learning_rate']:g}, self-cond {r['self_cond_prob']}"
+        settings += f", {r.get('optimizer', 'adamw')}" + (
+            f" wd {r['adam_weight_decay']:g}" if "adam_weight_decay" in r else ""
+        )
         lines.append(
             f"| {r['model']} | {settings}; `{json.dumps(r['config'])}` | {r['chunk_steps']} | {curve} | {reached} |"
         )

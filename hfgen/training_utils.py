@@ -16,7 +16,8 @@
 - Data: the training set from ``--mnist_npz``, ``--dataset_name`` (Hub), ``--train_data_dir`` (imagefolder) or the
   built-in shapes.
 - Images: a grid of image tensors for the sample logs.
-- Optimiser: ``fused_adam``, torch's AdamW / Adam with the fused kernel, in all four scripts.
+- Optimiser: ``fused_adam``, torch's AdamW / Adam with the fused kernel, in all four scripts; ``Lamb`` (RIN's
+  optimiser) and its ``lamb_param_groups`` for ``train_diffusion.py --optimizer lamb``.
 
 The recipe itself (arguments, model, loss, loop) stays in each flat script.
 """
@@ -53,6 +54,83 @@ def fused_adam(params, decoupled_weight_decay: bool = True, **kwargs) -> torch.o
     devices the scripts train on (CPU, CUDA, MPS, XPU) and checks the parameters at the first step."""
     cls = torch.optim.AdamW if decoupled_weight_decay else torch.optim.Adam
     return cls(params, fused=True, **kwargs)
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., "Large Batch Optimization for Deep Learning", 2019), the optimiser RIN was trained with.
+
+    Per tensor w: the Adam direction with bias correction plus decoupled weight decay,
+    u = m_hat / (sqrt(v_hat) + eps) + weight_decay * w, scaled by the trust ratio ||w|| / ||u|| (1 where either norm
+    is 0, so a zero-initialised tensor takes a plain Adam step), then w <- w - lr * ratio * u. A group with
+    ``adapt=False`` skips the ratio: ``lamb_param_groups`` puts biases and norm scales there, without weight decay,
+    as RIN's (pix2seq) recipe does. The trust ratio needs whole tensors: use it with replicated parameters (DDP,
+    one process), not with FSDP / DeepSpeed shards. Moment updates and norms are torch's multi-tensor (foreach)
+    kernels, one call per group.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
+                 adapt: bool = True):  # fmt: skip
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adapt=adapt))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update_group(group, params)
+        return loss
+
+    def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        grads = [p.grad for p in params]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("Lamb does not support sparse gradients")
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+        m = [s["exp_avg"] for s in states]
+        v = [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** s["step"]) for s in states])
+        torch._foreach_add_(denom, group["eps"])
+        update = torch._foreach_div(m, denom)
+        torch._foreach_div_(update, [1 - beta1 ** s["step"] for s in states])
+        if group["weight_decay"]:
+            torch._foreach_add_(update, params, alpha=group["weight_decay"])
+        if group["adapt"]:
+            w_norm, u_norm = torch._foreach_norm(params), torch._foreach_norm(update)
+            ratio = [torch.where((w > 0) & (u > 0), w / u.clamp_min(1e-30), 1.0) for w, u in zip(w_norm, u_norm)]
+            torch._foreach_mul_(update, ratio)
+        torch._foreach_add_(params, update, alpha=-group["lr"])
+
+
+def lamb_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups for ``Lamb``: matrices and convolution kernels (weight decay, trust ratio), and 0- / 1-D tensors
+    (biases, norm scales, gains: neither). Only trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "adapt": True},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "adapt": False},
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ def denoiser_weights(folder: Path) -> dict:
 
 def test_quick_run_scores_every_chunk_and_chunks_train_as_one_run(mnist_path, tmp_path):
     argv = ["--quick", "--models", "rin", "--mnist", str(mnist_path), "--output_dir", str(tmp_path / "chunked"),
-            "--set", "num_latents=8", "--set", "learning_rate=5e-4"]  # fmt: skip
+            "--set", "num_latents=8", "--set", "learning_rate=5e-4", "--set", "optimizer=lamb"]  # fmt: skip
     report = bench.main(bench.parse_args(argv))
 
     (r,) = report["models"]
@@ -28,7 +28,8 @@ def test_quick_run_scores_every_chunk_and_chunks_train_as_one_run(mnist_path, tm
         set(p["x0_error"]) == {"300", "700", "300_wrong", "700_wrong"} and min(p["x0_error"].values()) > 0
         for p in r["curve"]
     )
-    assert r["config"]["num_latents"] == 8 and r["learning_rate"] == 5e-4
+    assert r["config"]["num_latents"] == 8 and r["learning_rate"] == 5e-4 and r["optimizer"] == "lamb"
+    assert "lamb" in bench.markdown(report)
     assert json.loads((tmp_path / "chunked" / "results.json").read_text()) == json.loads(json.dumps(report))
     assert Path(r["grid"]).exists()
 
@@ -37,6 +38,7 @@ def test_quick_run_scores_every_chunk_and_chunks_train_as_one_run(mnist_path, tm
     settings, _ = bench.recipe("rin", args)
     config = tmp_path / "chunked" / "rin_config.json"
     flags = bench.chunk_flags("rin", settings, config, tmp_path / "straight", 4, 2, args)
+    assert flags[flags.index("--optimizer") + 1] == "lamb"  # LAMB's moments, too, carry over between chunks
     bench.train_diffusion.main(bench.train_diffusion.parse_args(flags))
     straight, chunked = denoiser_weights(tmp_path / "straight"), denoiser_weights(tmp_path / "chunked" / "rin")
     assert straight.keys() == chunked.keys()

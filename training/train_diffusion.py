@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, is_compiled_module, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, is_compiled_module, set_seed
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -55,10 +55,12 @@ from hfgen.schedulers import BETA_SCHEDULES, PREDICTION_TYPES, DDIMScheduler, DD
 from hfgen.training_utils import (
     REPORT_TO_CHOICES,
     GlobalBatchDraws,
+    Lamb,
     NonFiniteGuard,
     all_finite,
     attach_ema,
     fused_adam,
+    lamb_param_groups,
     load_checkpoint,
     load_train_dataset,
     log_image_grid,
@@ -436,6 +438,16 @@ def sample_images(args, pipeline, num_classes: int | None, device) -> list:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
+    """``--optimizer``: torch's fused AdamW, or ``Lamb`` over ``lamb_param_groups``; the --adam_* flags for both."""
+    betas, eps = (args.adam_beta1, args.adam_beta2), args.adam_epsilon
+    if args.optimizer == "lamb":
+        return Lamb(lamb_param_groups(model, args.adam_weight_decay), lr=args.learning_rate, betas=betas, eps=eps)
+    return fused_adam(
+        model.parameters(), lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay, eps=eps
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # model
@@ -532,6 +544,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning_rate", type=float, default=None, help="default: the family's, SMALL_DATA_RECIPES")
     p.add_argument("--lr_scheduler", default="cosine", help="a diffusers.optimization schedule name")
     p.add_argument("--lr_warmup_steps", type=int, default=100)
+    p.add_argument(
+        "--optimizer",
+        choices=("adamw", "lamb"),
+        default="adamw",
+        help="adamw: torch's fused AdamW; lamb: LAMB as RIN was trained (trust ratio per weight matrix, biases and norm "
+        "scales plain Adam without decay); both read the --adam_* flags",
+    )
     p.add_argument("--adam_beta1", type=float, default=0.9)
     p.add_argument("--adam_beta2", type=float, default=0.99)
     p.add_argument("--adam_weight_decay", type=float, default=0.0)
@@ -670,6 +689,8 @@ def main(args: argparse.Namespace) -> None:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)  # model initialisation; the training draws are keyed by (seed, step, micro-batch)
+    if args.optimizer == "lamb" and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError("--optimizer lamb needs whole weight tensors on every rank (DDP or one process), not shards")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -750,13 +771,7 @@ def main(args: argparse.Namespace) -> None:
         beta_end=args.beta_end,
         prediction_type=args.prediction_type if args.objective == "diffusion" else "epsilon",
     )  # diffusion's forward process; flow matching only reads num_train_timesteps from args
-    optimizer = fused_adam(
-        model.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+    optimizer = make_optimizer(model, args)
     batches_per_epoch = len(examples) // global_batch  # per process, after sharding (drop_last)
     updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * updates_per_epoch
