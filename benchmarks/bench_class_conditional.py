@@ -57,25 +57,28 @@ NUM_CLASSES = 10
 # Recipes: the network (a --model_config JSON) and the optimiser settings per denoiser
 # ----------------------------------------------------------------------------------------------------------------------
 
-# sized for a 2-core CPU (0.15-1.5 s per step). The U-Net draws the asked digit after ~9 minutes, the DiT after ~13,
-# the RIN after ~80 (--train_minutes 80; see RESULTS_class_conditional.md for the budgets and scores)
+# sized for a 2-core CPU (0.15-1.5 s per step). The U-Net draws the asked digit after ~9 minutes, the DiT after ~13-22,
+# the RIN after ~33 at lr 3e-3 (~80 at 1e-3; RESULTS.md "stop 21" and RESULTS_class_conditional.md)
+SMALL_DATA = train_diffusion.SMALL_DATA_RECIPES  # learning rate and batch: train_diffusion's small-data defaults
 RECIPES: dict[str, dict] = {
     "unet": {
         "config": hfgen.UNET_PRESETS["unet-mnist"],  # attention at 8x8 only; 0.72M parameters
-        "learning_rate": 2e-3,
-        "batch_size": 32,  # 64 gave half the updates in the same time and no digits yet (RESULTS, run 1)
+        "learning_rate": SMALL_DATA["unet"]["learning_rate"],
+        # batch 64 gave half the updates in the same time and no digits yet (RESULTS, run 1)
+        "batch_size": SMALL_DATA["unet"]["train_batch_size"],
         "self_cond_prob": None,
     },
     "dit": {
         "config": hfgen.DIT_PRESETS["DiT-mnist/4"],  # 64 tokens; 1.28M parameters
-        "learning_rate": 1e-3,
-        "batch_size": 64,
+        "learning_rate": SMALL_DATA["dit"]["learning_rate"],
+        "batch_size": SMALL_DATA["dit"]["train_batch_size"],
         "self_cond_prob": None,
     },
     "rin": {
         "config": hfgen.RIN_PRESETS["RIN-mnist"],  # 64 interface tokens, 32 latents; 1.52M parameters
-        "learning_rate": 1e-3,
-        "batch_size": 32,  # 64 gave 38% of the asked digit after 34.5 min; 32 gave 40% after 15.9 and 100% after 83
+        "learning_rate": SMALL_DATA["rin"]["learning_rate"],
+        # batch 64 gave 38% of the asked digit after 34.5 min; 32 gave 40% after 15.9 and 100% after 83
+        "batch_size": SMALL_DATA["rin"]["train_batch_size"],
         "self_cond_prob": 0.5,
     },
 }

@@ -66,17 +66,17 @@ NAMES = {"unet": "U-Net", "dit": "DiT", "rin": "RIN"}
 RECIPES: dict[str, dict] = {
     "unet": {
         "config": hfgen.UNET_PRESETS["unet-mnist"],  # 3 levels (32, 16, 8 px), attention at 8x8 only
-        "learning_rate": 2e-3,
+        "learning_rate": train_diffusion.SMALL_DATA_RECIPES["unet"]["learning_rate"],
         "flags": [],
     },
     "dit": {
         "config": hfgen.DIT_PRESETS["DiT-mnist/4"],  # 64 tokens of 4x4 pixels
-        "learning_rate": 1e-3,
+        "learning_rate": train_diffusion.SMALL_DATA_RECIPES["dit"]["learning_rate"],
         "flags": [],
     },
     "rin": {
         "config": hfgen.RIN_PRESETS["RIN-mnist"],  # 64 interface tokens (4x4 patches), 32 latents
-        "learning_rate": 1e-3,
+        "learning_rate": train_diffusion.SMALL_DATA_RECIPES["rin"]["learning_rate"],
         "flags": ["--self_cond_prob", "0.5"],
     },
 }
