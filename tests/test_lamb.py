@@ -17,10 +17,14 @@ def small_model(zero_last: bool = True) -> torch.nn.Module:
     return model
 
 
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+
+
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, start: int = 0) -> None:
     for step in range(start, start + steps):
-        g = torch.Generator().manual_seed(step)
-        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+        x, y = batch(step)
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
@@ -30,8 +34,7 @@ def reference_lamb(model, steps, lr, betas, eps, weight_decay):
     """The paper's update, one tensor at a time, with the recipe's groups (ndim > 1: decay and trust ratio)."""
     state = {p: (torch.zeros_like(p), torch.zeros_like(p)) for p in model.parameters()}
     for step in range(steps):
-        g = torch.Generator().manual_seed(step)
-        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+        x, y = batch(step)
         model.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         with torch.no_grad():
