@@ -112,13 +112,14 @@ DIFFUSION = Script(
     train_diffusion, [*DIFFUSION_TINY, "--snr_gamma", "5"], ("denoiser/diffusion_pytorch_model.safetensors",)
 )
 ALL_SCRIPTS = {**SCRIPTS, "diffusion": DIFFUSION}
-# flow matching on RIN: logit-normal sigma draws, self-conditioning and label dropout, all keyed by the global batch
+# flow matching on RIN: logit-normal sigma draws, self-conditioning and label dropout, all keyed by the global batch;
+# trained with LAMB (whole-tensor trust ratios, the same on both DDP ranks)
 FLOW = Script(
     train_diffusion,
     [
         *DIFFUSION_TINY,
         *"--objective flow_matching --model rin --model_config RIN-tiny --conditioning class".split(),
-        *"--self_cond_prob 0.5 --cond_dropout 0.5".split(),
+        *"--self_cond_prob 0.5 --cond_dropout 0.5 --optimizer lamb --adam_weight_decay 0.01".split(),
     ],
     DIFFUSION.weight_files,
 )
