@@ -26,7 +26,7 @@ from diffusers import DDPMPipeline, DPMSolverMultistepScheduler
 from diffusers import DDPMScheduler as DiffusersDDPM
 
 import hfgen
-from hfgen.metrics import DigitClassifier, class_balance, fid_kid, load_digits
+from hfgen.metrics import DigitClassifier, class_balance, fid_kid, load_digits, pad_digits
 from hfgen.pipelines import HFGenPipeline
 
 
@@ -43,7 +43,7 @@ def load_model(quality_dir: Path, which: str):
 
 
 def sample(pipe, n: int, steps: int, batch: int, seed: int) -> torch.Tensor:
-    """(n, C, H, W) in [0, 1], from either library's pipeline."""
+    """(n, C, 32, 32) in [0, 1], from either library's pipeline (hfgen's 28x28 digits framed as the data are)."""
     chunks = []
     for i in range(0, n, batch):
         g = torch.Generator().manual_seed(seed + i)
@@ -54,7 +54,7 @@ def sample(pipe, n: int, steps: int, batch: int, seed: int) -> torch.Tensor:
         else:
             out = pipe(batch_size=min(batch, n - i), num_inference_steps=steps, generator=g, output_type="np").images
             chunks.append(torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2))
-    return torch.cat(chunks).float()
+    return pad_digits(torch.cat(chunks).float(), background=0.0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,7 +9,7 @@
 
 Images enter every function as float tensors (B, C, H, W) in ``value_range`` = (-1, 1) (the pipelines' and training's
 range, the default) or (0, 1) (``output_type="pt"`` of a pipeline). Digits are (B, 1, 32, 32): 28x28 MNIST padded
-by 2 pixels of background on each side, as ``load_digits`` returns them.
+by 2 pixels of background on each side, as ``load_digits`` returns them; ``pad_digits`` frames 28x28 samples alike.
 """
 
 from __future__ import annotations
@@ -65,7 +65,22 @@ def load_digits(path: str, split: str = "train") -> tuple[torch.Tensor, torch.Te
         images = torch.from_numpy(data["images"][splits[split]].copy())  # (N, 28, 28) uint8
         labels = torch.from_numpy(data["labels"][splits[split]].astype(np.int64))
     images = images.float()[:, None] / 127.5 - 1.0  # (N, 1, 28, 28) in [-1, 1]
-    return F.pad(images, (2, 2, 2, 2), value=-1.0), labels  # (N, 1, 32, 32)
+    return pad_digits(images), labels  # (N, 1, 32, 32)
+
+
+def pad_digits(images: torch.Tensor, size: int = 32, background: float = -1.0) -> torch.Tensor:
+    """
+    Centre digit images in a ``size`` x ``size`` frame of ``background``, as ``load_digits`` frames MNIST's 28x28
+    digits: a model trained on the 28x28 digits is scored on the same 32x32 frames as the data.
+
+    :param images: (N, C, H, W) with H, W <= size and size - H, size - W even.
+    :param background: -1.0 for images in [-1, 1], 0.0 for images in [0, 1].
+    """
+    h, w = images.shape[-2:]
+    if h > size or w > size or (size - h) % 2 or (size - w) % 2:
+        raise ValueError(f"images of {h}x{w} cannot be centred in a {size}x{size} frame")
+    dy, dx = (size - h) // 2, (size - w) // 2
+    return F.pad(images, (dx, dx, dy, dy), value=background)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

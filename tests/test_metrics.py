@@ -12,6 +12,7 @@ from hfgen.metrics import (
     fit_digit_classifier,
     judge_shape_color,
     load_digits,
+    pad_digits,
     shape_color_accuracy,
 )
 
@@ -41,6 +42,19 @@ def test_load_digits_shape_and_range(digits):
     assert train_x.shape == (2000, 1, 32, 32) and train_y.dtype == torch.long
     assert train_x.min() == -1 and train_x.max() == 1
     assert (train_x[:, :, :2] == -1).all() and (train_x[:, :, :, -2:] == -1).all()  # 2-pixel background padding
+
+
+def test_pad_digits_frames_28x28_samples_as_the_data(digits):
+    train_x = digits[0][:8]
+    native = train_x[..., 2:30, 2:30]  # what a model trained at MNIST's own 28x28 sees
+    assert torch.equal(pad_digits(native), train_x)
+    unit = pad_digits((native + 1) / 2, background=0.0)  # a pipeline's output_type="pt" range
+    assert torch.equal(unit, (train_x + 1) / 2)
+    assert torch.equal(pad_digits(train_x), train_x)
+    with pytest.raises(ValueError, match="27x27"):
+        pad_digits(native[..., 1:, 1:])
+    with pytest.raises(ValueError, match="36x36"):
+        pad_digits(torch.zeros(1, 1, 36, 36))
 
 
 def test_fid_of_a_set_against_itself_is_zero(digits):
