@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=16, help="image side of both models")
     p.add_argument("--clip_steps", type=int, default=500, help="CLIP training steps")
     p.add_argument("--diffusion_steps", type=int, default=1400, help="denoiser training steps")
+    p.add_argument(
+        "--diffusion_learning_rate", type=float, default=2e-3, help="the demo's measured rate for its 1400 steps"
+    )
     p.add_argument("--model_config", default=None, help="a UNET_PRESETS name or a JSON config (default: DEMO_UNET)")
     p.add_argument("--images_per_prompt", type=int, default=8, help="samples of each of the 18 prompts")
     p.add_argument("--guidance_scale", type=float, default=TEXT_GUIDANCE_SCALE, help="the pipeline's default")
@@ -94,7 +97,7 @@ def train_denoiser(args: argparse.Namespace, clip_dir: Path, pipe_dir: Path) -> 
         "--output_dir", str(pipe_dir), "--model", "unet", "--model_config", model_config,
         "--conditioning", "text", "--text_encoder", str(clip_dir), "--shapes_exclude", *LEFT_OUT,
         "--resolution", str(args.resolution), "--max_train_steps", str(args.diffusion_steps),
-        "--channels_last", "--use_ema", "--ema_max_decay", "0.999", "--checkpointing_steps", "1000000", "--report_to", "none",
+        "--learning_rate", str(args.diffusion_learning_rate), "--channels_last", "--use_ema", "--ema_max_decay", "0.999", "--checkpointing_steps", "1000000", "--report_to", "none",
         "--num_inference_steps", str(args.num_inference_steps), "--guidance_scale", str(args.guidance_scale),
         "--num_validation_images", "4", "--validation_prompts", PROMPTS[0],
     ]  # fmt: skip
