@@ -63,7 +63,7 @@ SMALL_DATA = train_diffusion.SMALL_DATA_RECIPES  # learning rate and batch: trai
 RECIPES: dict[str, dict] = {
     "unet": {
         "config": hfgen.UNET_PRESETS["unet-mnist"],  # attention at 8x8 only; 0.72M parameters
-        "learning_rate": 2e-3,  # class-conditional figures measured at 2e-3 (unconditional default 5e-4)
+        "learning_rate": train_diffusion.CONDITIONAL_UNET_LEARNING_RATE,
         # batch 64 gave half the updates in the same time and no digits yet (RESULTS, run 1)
         "batch_size": SMALL_DATA["unet"]["train_batch_size"],
         "self_cond_prob": None,

@@ -66,7 +66,7 @@ NAMES = {"unet": "U-Net", "dit": "DiT", "rin": "RIN"}
 RECIPES: dict[str, dict] = {
     "unet": {
         "config": hfgen.UNET_PRESETS["unet-mnist"],  # 3 levels (32, 16, 8 px), attention at 8x8 only
-        "learning_rate": 2e-3,  # class-conditional figures measured at 2e-3 (unconditional default 5e-4)
+        "learning_rate": train_diffusion.CONDITIONAL_UNET_LEARNING_RATE,
         "flags": [],
     },
     "dit": {

@@ -49,7 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip_steps", type=int, default=500, help="CLIP training steps")
     p.add_argument("--diffusion_steps", type=int, default=1400, help="denoiser training steps")
     p.add_argument(
-        "--diffusion_learning_rate", type=float, default=2e-3, help="the demo's measured rate for its 1400 steps"
+        "--diffusion_learning_rate",
+        type=float,
+        default=train_diffusion.CONDITIONAL_UNET_LEARNING_RATE,
+        help="the denoiser's; the demo's figures were measured at the default",
     )
     p.add_argument("--model_config", default=None, help="a UNET_PRESETS name or a JSON config (default: DEMO_UNET)")
     p.add_argument("--images_per_prompt", type=int, default=8, help="samples of each of the 18 prompts")
