@@ -8,8 +8,10 @@
   an explicit damaged one is a ``ValueError`` naming the file and the newest whole checkpoint.
 - Many processes, the same in all four scripts: ``GlobalBatchDraws`` (random draws keyed by (seed, step, ...) and made
   for the global batch, so 2 processes x b draw what 1 process x 2b draws), ``NonFiniteGuard`` (a non-finite loss
-  or gradient skips the update on every rank alike), ``gather_with_grad`` (CLIP's global-batch contrast) and
+  or gradient skips the update on every rank alike; ``guarded_update`` is the whole update rule around it),
+  ``resumed_epochs`` (where a resumed run picks the data up), ``gather_with_grad`` (CLIP's global-batch contrast) and
   ``convert_sync_batchnorm`` (GAN ``--sync_batchnorm``, also on CPU / gloo).
+- The run: ``make_accelerator``, the Accelerator, logging, seed and output folder of every script.
 - Trackers: ``--report_to`` takes Accelerate's trackers; ``log_image_grid`` sends sample grids to each active one.
 - EMA: a diffusers ``EMAModel`` travels in the checkpoint as safetensors (``hfgen.loading.save_ema_state``) through
   Accelerate's save / load pre-hooks.
@@ -25,6 +27,7 @@ The recipe itself (arguments, model, loss, loop) stays in each flat script.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -34,7 +37,9 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from hfgen.data import load_image_dataset, load_mnist_npz, make_shapes_dataset
@@ -408,6 +413,48 @@ class NonFiniteGuard:
         return skipped
 
 
+def guarded_update(
+    accelerator, guard: NonFiniteGuard, loss, optimizer, parameters, max_grad_norm: float, lr_scheduler=None
+):
+    """
+    The update rule of every script, for one micro-batch (inside ``accelerator.accumulate`` where there is
+    accumulation): fold the loss into the all-rank ``guard``, backward (every rank joins the gradient all-reduce, a
+    non-finite one too), and at the micro-batch that ends an update clip to ``max_grad_norm`` (0: no clipping; the
+    norm is checked too), step the optimizer unless the guard saw NaN or inf on any rank, step ``lr_scheduler`` and
+    zero the gradients. With fp16 the grad scaler's own ``step`` skips a non-finite update and lowers its scale, so
+    the optimizer is always called there (not calling it would keep the scale, and the skips, forever).
+    The caller still closes the update with ``guard.end_update(step)``.
+    """
+    guard.check(loss)
+    accelerator.backward(loss)
+    if not accelerator.sync_gradients:
+        return
+    if max_grad_norm > 0:
+        guard.check(accelerator.clip_grad_norm_(parameters, max_grad_norm))
+    if guard.ok or accelerator.scaler is not None:
+        optimizer.step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def resumed_epochs(accelerator, loader, global_step: int, updates_per_epoch: int, num_epochs: int, accumulation=1):
+    """
+    Yield (epoch, index of its first batch, its loader) from the epoch that holds ``global_step`` on, each epoch's
+    loader set to its seeded order (``loader.set_epoch``); in the resumed epoch the loader skips the batches the
+    checkpointed run already trained on (``updates x accumulation``), so a resumed run sees what an uninterrupted one
+    sees.
+    """
+    first_epoch = global_step // updates_per_epoch
+    skip = (global_step % updates_per_epoch) * accumulation
+    for epoch in range(first_epoch, num_epochs):
+        loader.set_epoch(epoch)
+        if epoch == first_epoch and skip:
+            yield epoch, skip, accelerator.skip_first_batches(loader, skip)
+        else:
+            yield epoch, 0, loader
+
+
 def gather_with_grad(accelerator, x: torch.Tensor) -> torch.Tensor:
     """(b, ...) on each process -> (num_processes * b, ...), rows in process order; gradients flow back to every
     process's own rows (summed over processes, as open_clip's ``gather_with_grad``)."""
@@ -554,6 +601,34 @@ def to_pil_grid(images: torch.Tensor, cols: int) -> PIL.Image.Image:
     for i in range(n):
         grid[:, i // cols * h : (i // cols + 1) * h, i % cols * w : (i % cols + 1) * w] = x[i]
     return PIL.Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run: one Accelerator set-up for all four scripts
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def make_accelerator(args, seedable_sampler: bool = True) -> Accelerator:
+    """The ``Accelerator`` of a script's shared flags (``--gradient_accumulation_steps``, ``--mixed_precision``,
+    ``--report_to``, ``--output_dir``/``--logging_dir``), then logging, ``set_seed(--seed)`` for the model
+    initialisation, and the output folder, created on the main process and cleared of the partial checkpoints a kill
+    during a write left. ``seedable_sampler``: Accelerate's seeded shuffle, so the data order is f(seed, epoch)
+    (train_diffusion.py brings its own ``EpochSampler`` instead)."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=seedable_sampler),
+        log_with=tracker_arg(args.report_to),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        remove_partial_checkpoints(args.output_dir)
+    return accelerator
 
 
 # ----------------------------------------------------------------------------------------------------------------------

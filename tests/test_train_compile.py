@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch import nn
 
@@ -107,7 +108,7 @@ def test_channels_last_training_equals_eager(tmp_path, monkeypatch, eager_unet):
 def test_compile_model_does_not_compile_twice():
     """A model that Accelerate's dynamo config (``accelerate launch --dynamo_backend inductor``) compiled in
     ``prepare`` is left as it is; a plain one is wrapped. torch.compile is lazy: nothing is compiled here."""
-    accelerator = script.Accelerator()
+    accelerator = Accelerator()
     plain = nn.Linear(2, 2)
     compiled = script.compile_model(accelerator, plain, None)
     assert compiled is not plain and compiled._orig_mod is plain

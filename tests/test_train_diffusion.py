@@ -309,11 +309,13 @@ def test_mnist_class_conditional(tmp_path, mnist_path):
 def test_mixed_precision_defaults_to_accelerates_setting(tmp_path, monkeypatch):
     """No --mixed_precision: the Accelerate setting (here ``ACCELERATE_MIXED_PRECISION=bf16``, as ``accelerate
     launch --mixed_precision bf16`` exports it) decides; an explicit flag still wins."""
-    import hfgen.training.train_diffusion as script
+    from accelerate import Accelerator
+
+    import hfgen.training_utils as script  # every script's make_accelerator builds its Accelerator there
 
     seen = []
 
-    class RecordingAccelerator(script.Accelerator):
+    class RecordingAccelerator(Accelerator):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             seen.append(self.mixed_precision)

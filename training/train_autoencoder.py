@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
-import os
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -51,10 +48,9 @@ from hfgen.training_utils import (
     load_checkpoint,
     load_train_dataset,
     log_image_grid,
-    remove_partial_checkpoints,
+    make_accelerator,
     save_checkpoint,
     to_pil_grid,
-    tracker_arg,
 )
 
 logger = get_logger(__name__)
@@ -218,19 +214,7 @@ def latent_std(vae, loader, num_images: int, device) -> float:
 
 def main(args: argparse.Namespace) -> dict:
     """Train, set ``scaling_factor``, save an ``HFGenVAEPipeline`` folder in ``args.output_dir``; return a report."""
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # data order = f(seed, epoch)
-        log_with=tracker_arg(args.report_to),
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        remove_partial_checkpoints(args.output_dir)  # left by a kill during a write
+    accelerator = make_accelerator(args)  # data order = f(seed, epoch)
 
     # 1. data
     dataset, transform = load_train_set(args)

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -51,9 +48,8 @@ from hfgen.training_utils import (
     gather_with_grad,
     load_checkpoint,
     load_train_dataset,
-    remove_partial_checkpoints,
+    make_accelerator,
     save_checkpoint,
-    tracker_arg,
 )
 
 logger = get_logger(__name__)
@@ -228,19 +224,7 @@ def save_image_processor_config(folder: str | os.PathLike, image_size: int) -> N
 
 def main(args: argparse.Namespace) -> dict:
     """Train, save clip/ text_encoder/ tokenizer/ and zero_shot.json in ``args.output_dir``; return the report."""
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # data order = f(seed, epoch)
-        log_with=tracker_arg(args.report_to),
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        remove_partial_checkpoints(args.output_dir)  # left by a kill during a write
+    accelerator = make_accelerator(args)  # data order = f(seed, epoch)
 
     # 1. data
     train_set, held_out, class_names, templates = load_data(args)

@@ -28,18 +28,17 @@ launch --dynamo_backend inductor``, and never both), ``--channels_last`` (the U-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
-import logging
 import math
 import os
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, is_compiled_module, set_seed
+from accelerate.utils import DistributedType, is_compiled_module
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -64,10 +63,9 @@ from hfgen.training_utils import (
     load_checkpoint,
     load_train_dataset,
     log_image_grid,
-    remove_partial_checkpoints,
+    make_accelerator,
     resolve_resume,
     save_checkpoint,
-    tracker_arg,
 )
 
 logger = get_logger(__name__)
@@ -681,274 +679,375 @@ def check_args(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace) -> None:
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=tracker_arg(args.report_to),
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
-        ),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)  # model initialisation; the training draws are keyed by (seed, step, micro-batch)
-    if args.optimizer == "lamb" and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ValueError("--optimizer lamb needs whole weight tensors on every rank (DDP or one process), not shards")
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    device = accelerator.device
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        remove_partial_checkpoints(args.output_dir)  # left by a kill during a write
+# ----------------------------------------------------------------------------------------------------------------------
+# Set-up: the data with its frozen encoders, the model and its optimiser
+# ----------------------------------------------------------------------------------------------------------------------
 
-    # 1. data and the frozen encoders
+
+@dataclasses.dataclass
+class TrainingInputs:
+    """What the denoiser learns from: the examples (images, or cached VAE latent moments), the shape of x0, and the
+    frozen parts that the loss and the saved pipeline share (VAE, text encoder, the number of classes)."""
+
+    examples: TrainExamples
+    in_channels: int
+    sample_size: int
+    vae: torch.nn.Module | None = None
+    latents: torch.Tensor | None = None
+    num_classes: int | None = None
+    text_encoder: torch.nn.Module | None = None
+    tokenizer: object | None = None
+    embed_prompts: PromptEmbeddingCache | None = None
+
+    @property
+    def text_dim(self) -> int | None:
+        return self.text_encoder.config.hidden_size if self.text_encoder is not None else None
+
+
+def count_classes(args, dataset) -> int:
+    """``--num_classes``, else the label feature's class count, else the largest label + 1."""
+    if "label" not in dataset.column_names:
+        raise ValueError(f"--conditioning class needs a label column; the data set has {dataset.column_names}")
+    largest = max(dataset["label"])
+    num_classes = args.num_classes or getattr(dataset.features["label"], "num_classes", None) or largest + 1
+    if largest >= num_classes:
+        raise ValueError(f"--num_classes {num_classes} is too small for the largest label {largest}")
+    return num_classes
+
+
+def load_vae_for(args, channels: int):
+    """``--vae`` (or None) and the image channels it encodes, checked against ``--channels``."""
+    if not args.vae:
+        return None, channels
+    vae = load_vae(args.vae)
+    if args.channels is not None and args.channels != vae.config.in_channels:
+        raise ValueError(f"--channels {args.channels} does not match the VAE's in_channels {vae.config.in_channels}")
+    return vae, vae.config.in_channels
+
+
+def load_caption_encoder(args, dataset, device):
+    """For ``--conditioning text``: the frozen text encoder, its tokenizer and the cache of its caption embeddings."""
+    if "text" not in dataset.column_names:
+        raise ValueError(f"--conditioning text needs a caption column; the data set has {dataset.column_names}")
+    text_encoder, tokenizer = load_text_encoder(args.text_encoder)
+    text_encoder.to(device)
+    return text_encoder, tokenizer, PromptEmbeddingCache(text_encoder, tokenizer, device, args.text_cache_size)
+
+
+def prepare_inputs(args, device) -> TrainingInputs:
+    """The training set and its frozen encoders; with ``--vae`` every image is encoded once, here."""
     dataset = load_training_data(args)
     if len(dataset) == 0:
         raise ValueError("the training data set is empty")
-    channels = args.channels or (1 if args.mnist_npz else 3)
-    vae = load_vae(args.vae) if args.vae else None
-    if vae is not None:
-        if args.channels is not None and args.channels != vae.config.in_channels:
-            raise ValueError(
-                f"--channels {args.channels} does not match the VAE's in_channels {vae.config.in_channels}"
-            )
-        channels = vae.config.in_channels
+    vae, channels = load_vae_for(args, args.channels or (1 if args.mnist_npz else 3))
     transform = image_transform(args.resolution, channels, center_crop=args.center_crop, pad=args.pad_images)
-    num_classes = None
-    if args.conditioning == "class":
-        if "label" not in dataset.column_names:
-            raise ValueError(f"--conditioning class needs a label column; the data set has {dataset.column_names}")
-        feature = dataset.features["label"]
-        largest = max(dataset["label"])
-        num_classes = args.num_classes or getattr(feature, "num_classes", None) or largest + 1
-        if largest >= num_classes:
-            raise ValueError(f"--num_classes {num_classes} is too small for the largest label {largest}")
-    text_encoder = tokenizer = None
-    if args.conditioning == "text":
-        if "text" not in dataset.column_names:
-            raise ValueError(f"--conditioning text needs a caption column; the data set has {dataset.column_names}")
-        text_encoder, tokenizer = load_text_encoder(args.text_encoder)
-        text_encoder.to(device)
-        embed_prompts = PromptEmbeddingCache(text_encoder, tokenizer, device, args.text_cache_size)
-
-    latents = None
+    num_classes = count_classes(args, dataset) if args.conditioning == "class" else None
+    text = load_caption_encoder(args, dataset, device) if args.conditioning == "text" else (None, None, None)
+    latents, in_channels, sample_size = None, channels, args.resolution
     if vae is not None:
         f = 2 ** (len(vae.config.block_out_channels) - 1)
         if args.resolution % f:
             raise ValueError(f"--resolution {args.resolution} must be divisible by the VAE's downsample factor {f}")
         latents = encode_latents(vae, dataset, transform, args.random_flip, device)
         in_channels, sample_size = vae.config.latent_channels, args.resolution // f
-    else:
-        in_channels, sample_size = channels, args.resolution
     examples = TrainExamples(dataset, transform, latents, cache_images=image_cache_fits(args, dataset, channels))
+    return TrainingInputs(examples, in_channels, sample_size, vae, latents, num_classes, *text)
 
-    global_batch = args.train_batch_size * accelerator.num_processes
-    if len(examples) < global_batch:
-        raise ValueError(
-            f"the data set has {len(examples)} examples, fewer than one global batch "
-            f"(--train_batch_size {args.train_batch_size} x {accelerator.num_processes} processes)"
-        )
-    sampler = EpochSampler(len(examples), args.seed)
-    train_dataloader = torch.utils.data.DataLoader(
+
+def make_dataloader(args, examples: TrainExamples) -> torch.utils.data.DataLoader:
+    """Per-process batches of a seeded epoch permutation (``EpochSampler``); the last partial batch is dropped."""
+    return torch.utils.data.DataLoader(
         examples,
         batch_size=args.train_batch_size,
-        sampler=sampler,
+        sampler=EpochSampler(len(examples), args.seed),
         drop_last=True,
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
     )
 
-    # 2. model, noise schedule, optimiser, EMA
-    text_dim = text_encoder.config.hidden_size if text_encoder is not None else None
-    model = build_model(args, in_channels, sample_size, num_classes, text_dim)
-    self_conditioning = getattr(model, "self_conditioning", False)
-    if args.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # before the optimiser and EMA copy the parameters
-    noise_scheduler = DDPMScheduler(
+
+@dataclasses.dataclass
+class Schedule:
+    """How long the run is, in optimiser updates (``max_train_steps``) and the epochs that hold them."""
+
+    updates_per_epoch: int
+    max_train_steps: int
+
+    @classmethod
+    def of(cls, args, num_examples: int, num_processes: int) -> Schedule:
+        if num_examples < args.train_batch_size * num_processes:
+            raise ValueError(
+                f"the data set has {num_examples} examples, fewer than one global batch "
+                f"(--train_batch_size {args.train_batch_size} x {num_processes} processes)"
+            )
+        batches_per_epoch = num_examples // (args.train_batch_size * num_processes)  # per process (drop_last)
+        updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+        return cls(updates_per_epoch, args.max_train_steps or args.num_epochs * updates_per_epoch)
+
+    @property
+    def num_epochs(self) -> int:
+        return math.ceil(self.max_train_steps / self.updates_per_epoch)
+
+
+def make_noise_scheduler(args) -> DDPMScheduler:
+    """Diffusion's forward process; flow matching only reads num_train_timesteps from args."""
+    return DDPMScheduler(
         num_train_timesteps=args.num_train_timesteps,
         beta_schedule=args.beta_schedule,
         beta_start=args.beta_start,
         beta_end=args.beta_end,
         prediction_type=args.prediction_type if args.objective == "diffusion" else "epsilon",
-    )  # diffusion's forward process; flow matching only reads num_train_timesteps from args
+    )
+
+
+def make_ema(args, model, accelerator) -> EMAModel | None:
+    if not args.use_ema:
+        return None
+    ema = EMAModel(
+        model.parameters(),
+        decay=args.ema_max_decay,
+        use_ema_warmup=True,
+        inv_gamma=args.ema_inv_gamma,
+        power=args.ema_power,
+        model_cls=type(model),
+        model_config=model.config,
+    )
+    attach_ema(accelerator, ema)  # on the device, saved in the checkpoints as safetensors
+    return ema
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The prepared training objects. ``model`` is what the forward goes through (DDP-wrapped, maybe compiled);
+    ``denoiser`` is the plain module inside it, which EMA, the samples and the saved weights read."""
+
+    model: torch.nn.Module
+    denoiser: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    dataloader: torch.utils.data.DataLoader
+    noise_scheduler: DDPMScheduler
+    ema: EMAModel | None
+
+    def weights(self) -> list[torch.Tensor]:
+        """Every tensor a checkpoint must hold finite: the weights and the EMA's shadow copies."""
+        return list(self.denoiser.parameters()) + (list(self.ema.shadow_params) if self.ema else [])
+
+
+def prepare_trainer(args, accelerator, inputs: TrainingInputs, schedule: Schedule) -> Trainer:
+    if args.optimizer == "lamb" and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError("--optimizer lamb needs whole weight tensors on every rank (DDP or one process), not shards")
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = build_model(args, inputs.in_channels, inputs.sample_size, inputs.num_classes, inputs.text_dim)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # before the optimiser and EMA copy the parameters
     optimizer = make_optimizer(model, args)
-    batches_per_epoch = len(examples) // global_batch  # per process, after sharding (drop_last)
-    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_epochs * updates_per_epoch
-    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
+        num_training_steps=schedule.max_train_steps * accelerator.num_processes,
     )
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(
-            model.parameters(),
-            decay=args.ema_max_decay,
-            use_ema_warmup=True,
-            inv_gamma=args.ema_inv_gamma,
-            power=args.ema_power,
-            model_cls=type(model),
-            model_config=model.config,
-        )
-        attach_ema(accelerator, ema)  # on the device, saved in the checkpoints as safetensors
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler
-    )
+    ema = make_ema(args, model, accelerator)
+    dataloader = make_dataloader(args, inputs.examples)
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     if args.compile:
         model = compile_model(accelerator, model, args.compile_mode)
-    # the plain module inside DDP and torch.compile: EMA, samples and the saved weights read it (no _orig_mod. names)
-    denoiser = accelerator.unwrap_model(model, keep_torch_compile=False)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if vae is not None:
-        vae.to(device, dtype=weight_dtype)
+    denoiser = accelerator.unwrap_model(model, keep_torch_compile=False)  # no _orig_mod. names in the weights
+    return Trainer(model, denoiser, optimizer, lr_scheduler, dataloader, make_noise_scheduler(args), ema)
 
-    global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
-    first_epoch = global_step // updates_per_epoch
-    skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers(
-            "train_diffusion", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        )
 
-    def micro_batch_loss(batch: dict, step: int, micro: int) -> torch.Tensor:
-        """One micro-batch: draw for the global batch (keyed by step and micro-batch), keep this process's rows,
-        return the loss."""
-        draws = GlobalBatchDraws(accelerator, batch["x"].shape[0], args.seed, step, micro)
-        shape = (in_channels, sample_size, sample_size)
+# ----------------------------------------------------------------------------------------------------------------------
+# One micro-batch's loss
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class MicroBatchLoss:
+    """The loss of one micro-batch. Every draw is made for the global batch, keyed by (seed, step, micro-batch), and
+    each process keeps its rows, so 2 processes x batch b train on what 1 process x batch 2b does."""
+
+    def __init__(self, args, accelerator, trainer: Trainer, inputs: TrainingInputs, weight_dtype: torch.dtype):
+        self.args, self.accelerator, self.trainer, self.inputs = args, accelerator, trainer, inputs
+        self.weight_dtype = weight_dtype
+        self.shape = (inputs.in_channels, inputs.sample_size, inputs.sample_size)
+
+    def __call__(self, batch: dict, step: int, micro: int) -> torch.Tensor:
+        args, model = self.args, self.trainer.model
+        draws = GlobalBatchDraws(self.accelerator, batch["x"].shape[0], args.seed, step, micro)
         levels = draw_noise_levels(args, draws)
-        noise = draws.randn(*shape)
+        noise = draws.randn(*self.shape)
         flip = draws.rand() < 0.5 if args.random_flip else None
         drop = draws.rand() < args.cond_dropout
         self_cond_global = draws.rand(whole_batch=True) < args.self_cond_prob  # (B,) the same on every rank
 
-        # 1. clean sample x0: an image, or a latent drawn from its cached posterior (B, C, h, w)
-        if latents is None:
-            x0 = batch["x"]
-            if flip is not None:
-                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        else:
-            moments = batch["x"]  # (B, [2 orientations,] 2, C, h, w)
-            if flip is not None:
-                moments = torch.where(flip[:, None, None, None, None], moments[:, 1], moments[:, 0])
-            eps_latent = draws.randn(*shape)
-            x0 = (moments[:, 0] + moments[:, 1] * eps_latent) * vae.config.scaling_factor
-
-        # 2. conditioning with dropout for classifier-free guidance
-        cond = {}
-        if args.conditioning == "class":
-            cond["class_labels"] = drop_class_labels(batch["label"], drop, num_classes)
-        elif args.conditioning == "text":
-            tokens, mask = embed_prompts(drop_captions(batch["text"], drop))
-            cond["encoder_hidden_states"], cond["encoder_attention_mask"] = tokens.to(weight_dtype), mask
-
-        # 3. the forward process and the target of the objective
-        noisy, timesteps, target, weights = forward_process(args, noise_scheduler, x0, noise, levels)
+        x0 = self.clean_sample(batch, flip, draws)
+        cond = self.conditioning(batch, drop)
+        noisy, timesteps, target, weights = forward_process(args, self.trainer.noise_scheduler, x0, noise, levels)
         if args.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-
-        # 4. RIN latent self-conditioning: a no-grad first pass, its latents fed to the real pass for some examples
-        if self_conditioning:
+        if getattr(self.trainer.denoiser, "self_conditioning", False):  # RIN: a no-grad first pass's latents
             cond["prev_latents"] = self_conditioning_latents(
                 model, noisy, timesteps, cond, self_cond_global, draws.rows
             )
-
-        # 5. loss, weighted by noise level (min-SNR, flow weighting) where the objective asks for it
+        # weighted by noise level (min-SNR, flow weighting) where the objective asks for it
         return objective_loss(model(noisy, timesteps, **cond).sample, target, weights)
 
-    def validate(step: int) -> list:
-        if ema is not None:
-            ema.store(denoiser.parameters())
-            ema.copy_to(denoiser.parameters())
-        denoiser.eval()
-        sample_scheduler = sampling_scheduler(args, noise_scheduler)
-        pipeline = build_pipeline(args, denoiser, sample_scheduler, vae, text_encoder, tokenizer)
-        images = sample_images(args, pipeline, num_classes, device)
-        denoiser.train()
-        if ema is not None:
-            ema.restore(denoiser.parameters())
-        log_image_grid(accelerator, "validation", image_grid(images), step)
-        return images
+    def clean_sample(self, batch: dict, flip: torch.Tensor | None, draws: GlobalBatchDraws) -> torch.Tensor:
+        """x0 (B, C, h, w): the image, or a latent drawn from its cached posterior; flipped where ``flip`` says."""
+        if self.inputs.latents is None:
+            x0 = batch["x"]
+            return x0 if flip is None else torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        moments = batch["x"]  # (B, [2 orientations,] 2, C, h, w)
+        if flip is not None:
+            moments = torch.where(flip[:, None, None, None, None], moments[:, 1], moments[:, 0])
+        eps_latent = draws.randn(*self.shape)
+        return (moments[:, 0] + moments[:, 1] * eps_latent) * self.inputs.vae.config.scaling_factor
 
-    # 3. training loop
-    progress = tqdm(
-        range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
-    )
+    def conditioning(self, batch: dict, drop: torch.Tensor) -> dict:
+        """The denoiser's conditioning keywords, dropped (``drop``) to the null input for classifier-free guidance."""
+        if self.args.conditioning == "class":
+            return {"class_labels": drop_class_labels(batch["label"], drop, self.inputs.num_classes)}
+        if self.args.conditioning == "text":
+            tokens, mask = self.inputs.embed_prompts(drop_captions(batch["text"], drop))
+            return {"encoder_hidden_states": tokens.to(self.weight_dtype), "encoder_attention_mask": mask}
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop and its outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def make_pipeline(args, trainer: Trainer, inputs: TrainingInputs):
+    """The pipeline around the denoiser as it is now (put the EMA weights in first to sample those)."""
+    trainer.denoiser.eval()
+    sample_scheduler = sampling_scheduler(args, trainer.noise_scheduler)
+    return build_pipeline(args, trainer.denoiser, sample_scheduler, inputs.vae, inputs.text_encoder, inputs.tokenizer)
+
+
+def validate(args, accelerator, trainer: Trainer, inputs: TrainingInputs, step: int) -> list:
+    """Sample with the EMA weights (when on), log the grid, and put the training weights back."""
+    ema, denoiser = trainer.ema, trainer.denoiser
+    if ema is not None:
+        ema.store(denoiser.parameters())
+        ema.copy_to(denoiser.parameters())
+    images = sample_images(args, make_pipeline(args, trainer, inputs), inputs.num_classes, accelerator.device)
+    denoiser.train()
+    if ema is not None:
+        ema.restore(denoiser.parameters())
+    log_image_grid(accelerator, "validation", image_grid(images), step)
+    return images
+
+
+def optimizer_update(args, accelerator, trainer: Trainer, guard: NonFiniteGuard, loss: torch.Tensor) -> None:
+    """Backward of one micro-batch and, at the last micro-batch of an update, the clipped step, unless the guard saw
+    a non-finite loss or gradient norm on any rank (every rank joins the all-reduce, a non-finite one too)."""
+    guard.check(loss)
+    accelerator.backward(loss)
+    if not accelerator.sync_gradients:
+        return
+    if args.max_grad_norm > 0:
+        guard.check(accelerator.clip_grad_norm_(trainer.model.parameters(), args.max_grad_norm))
+    if guard.ok or accelerator.scaler is not None:  # fp16: the grad scaler skips the step
+        trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def after_update(args, accelerator, trainer: Trainer, inputs, guard: NonFiniteGuard, loss, global_step: int) -> dict:
+    """EMA, logs, checkpoint and validation after update ``global_step``; the same decisions on every rank."""
+    if not guard.end_update(global_step) and trainer.ema is not None:
+        trainer.ema.step(trainer.denoiser.parameters())
+    logs = {"loss": accelerator.gather(loss.detach()[None]).mean().item(), "lr": trainer.lr_scheduler.get_last_lr()[0]}
+    accelerator.log(logs, step=global_step)
+    if global_step % args.checkpointing_steps == 0:
+        save_checkpoint(
+            accelerator,
+            args.output_dir,
+            global_step,
+            args.checkpoints_total_limit,
+            trainer.weights(),
+            script_state=guard.script_state(),
+        )
+    if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+        validate(args, accelerator, trainer, inputs, global_step)
+    return logs
+
+
+def train_loop(args, accelerator, trainer: Trainer, inputs, loss_fn, schedule: Schedule) -> int:
+    """Train from the resumed step to ``max_train_steps``; returns the last step."""
+    global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
+    first_epoch = global_step // schedule.updates_per_epoch
+    skip_batches = (global_step % schedule.updates_per_epoch) * args.gradient_accumulation_steps
     guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
-    model.train()
-    for epoch in range(first_epoch, num_epochs):
-        train_dataloader.set_epoch(epoch)
-        loader = train_dataloader
+    progress = tqdm(
+        range(schedule.max_train_steps),
+        initial=global_step,
+        desc="steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    trainer.model.train()
+    for epoch in range(first_epoch, schedule.num_epochs):
+        trainer.dataloader.set_epoch(epoch)
+        loader = trainer.dataloader
         if epoch == first_epoch and skip_batches:
-            loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
+            loader = accelerator.skip_first_batches(trainer.dataloader, skip_batches)
         micro = 0
         for batch in loader:
-            with accelerator.accumulate(model):
-                loss = micro_batch_loss(batch, global_step, micro)
+            with accelerator.accumulate(trainer.model):
+                loss = loss_fn(batch, global_step, micro)
                 micro += 1
-                guard.check(loss)
-                accelerator.backward(loss)  # every rank joins the all-reduce, a non-finite one too
-                if accelerator.sync_gradients:
-                    if args.max_grad_norm > 0:
-                        guard.check(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
-                    if guard.ok or accelerator.scaler is not None:  # fp16: the grad scaler skips the step
-                        optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                optimizer_update(args, accelerator, trainer, guard, loss)
             if not accelerator.sync_gradients:
                 continue
-
-            # 4. one optimiser update done (or skipped)
-            global_step += 1
-            micro = 0
+            global_step, micro = global_step + 1, 0
             progress.update(1)
-            if not guard.end_update(global_step) and ema is not None:
-                ema.step(denoiser.parameters())
-            logs = {"loss": accelerator.gather(loss.detach()[None]).mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
-                weights = list(denoiser.parameters()) + (list(ema.shadow_params) if ema else [])
-                save_checkpoint(
-                    accelerator,
-                    args.output_dir,
-                    global_step,
-                    args.checkpoints_total_limit,
-                    weights,
-                    script_state=guard.script_state(),
-                )
-            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                validate(global_step)
-            if global_step >= max_train_steps:
+            progress.set_postfix(**after_update(args, accelerator, trainer, inputs, guard, loss, global_step))
+            if global_step >= schedule.max_train_steps:
                 break
     progress.close()
+    return global_step
 
-    # 5. the pipeline folder (EMA weights when on) and a sample grid
+
+def save_outputs(args, trainer: Trainer, inputs: TrainingInputs, device, global_step: int) -> None:
+    """The pipeline folder (EMA weights when on), a sample grid, and the Hub upload; never non-finite weights."""
+    if trainer.ema is not None:
+        trainer.ema.copy_to(trainer.denoiser.parameters())
+    if not all_finite(trainer.denoiser.parameters()):
+        raise RuntimeError("the final weights hold NaN or inf; not saving the pipeline")
+    pipeline = make_pipeline(args, trainer, inputs)
+    pipeline.save_pretrained(args.output_dir)
+    images = sample_images(args, pipeline, inputs.num_classes, device)
+    image_grid(images).save(os.path.join(args.output_dir, "samples.png"))
+    if args.push_to_hub:
+        skip = ("hub_token", "output_dir", "logging_dir")
+        info = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+        info["train_steps"] = global_step
+        pipeline.push_to_hub(args.hub_model_id, training_info=info, images=images, token=args.hub_token)
+
+
+def main(args: argparse.Namespace) -> None:
+    accelerator = make_accelerator(args, seedable_sampler=False)  # the data order is EpochSampler's
+    inputs = prepare_inputs(args, accelerator.device)
+    schedule = Schedule.of(args, len(inputs.examples), accelerator.num_processes)
+    trainer = prepare_trainer(args, accelerator, inputs, schedule)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if inputs.vae is not None:
+        inputs.vae.to(accelerator.device, dtype=weight_dtype)
+    if accelerator.is_main_process and args.report_to != "none":
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("train_diffusion", config)
+
+    loss_fn = MicroBatchLoss(args, accelerator, trainer, inputs, weight_dtype)
+    global_step = train_loop(args, accelerator, trainer, inputs, loss_fn, schedule)
+
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if ema is not None:
-            ema.copy_to(denoiser.parameters())
-        if not all_finite(denoiser.parameters()):
-            raise RuntimeError("the final weights hold NaN or inf; not saving the pipeline")
-        denoiser.eval()
-        sample_scheduler = sampling_scheduler(args, noise_scheduler)
-        pipeline = build_pipeline(args, denoiser, sample_scheduler, vae, text_encoder, tokenizer)
-        pipeline.save_pretrained(args.output_dir)
-        images = sample_images(args, pipeline, num_classes, device)
-        image_grid(images).save(os.path.join(args.output_dir, "samples.png"))
-        if args.push_to_hub:
-            info = {
-                k: v
-                for k, v in vars(args).items()
-                if k not in ("hub_token", "output_dir", "logging_dir") and v is not None
-            }
-            info["train_steps"] = global_step
-            pipeline.push_to_hub(args.hub_model_id, training_info=info, images=images, token=args.hub_token)
+        save_outputs(args, trainer, inputs, accelerator.device, global_step)
     accelerator.end_training()
 
 

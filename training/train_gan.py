@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import math
 import os
 from pathlib import Path
@@ -39,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -58,11 +56,10 @@ from hfgen.training_utils import (
     load_checkpoint,
     load_train_dataset,
     log_image_grid,
+    make_accelerator,
     plain_batchnorm,
-    remove_partial_checkpoints,
     save_checkpoint,
     to_pil_grid,
-    tracker_arg,
 )
 
 logger = get_logger(__name__)
@@ -263,18 +260,7 @@ def log_samples(generator, fixed_z, fixed_labels, args, accelerator: Accelerator
 
 def main(args: argparse.Namespace) -> dict:
     """Train, save an ``HFGenGANPipeline`` folder (and ``discriminator/``) in ``args.output_dir``; return a report."""
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # data order = f(seed, epoch)
-        log_with=tracker_arg(args.report_to),
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        remove_partial_checkpoints(args.output_dir)  # left by a kill during a write
+    accelerator = make_accelerator(args)  # data order = f(seed, epoch)
 
     # 1. data: (B, C, H, W) in [-1, 1] and labels (B,)
     dataset, transform = load_train_set(args)
