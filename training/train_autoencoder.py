@@ -45,10 +45,12 @@ from hfgen.training_utils import (
     attach_ema,
     check_resume_arg,
     fused_adam,
+    guarded_update,
     load_checkpoint,
     load_train_dataset,
     log_image_grid,
     make_accelerator,
+    resumed_epochs,
     save_checkpoint,
     to_pil_grid,
 )
@@ -266,8 +268,6 @@ def main(args: argparse.Namespace) -> dict:
 
     # 4. resume
     global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
-    first_epoch = global_step // steps_per_epoch
-    resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     # 5. loop
     logger.info(f"{len(dataset)} images, {max_train_steps} steps of batch {args.train_batch_size}")
@@ -277,12 +277,11 @@ def main(args: argparse.Namespace) -> dict:
     progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
     logs = {}
-    for epoch in range(first_epoch, num_epochs):
+    epochs = resumed_epochs(
+        accelerator, loader, global_step, steps_per_epoch, num_epochs, args.gradient_accumulation_steps
+    )
+    for epoch, skip, epoch_loader in epochs:
         model.train()
-        loader.set_epoch(epoch)
-        epoch_loader, skip = loader, 0
-        if epoch == first_epoch and resume_batches:
-            epoch_loader, skip = accelerator.skip_first_batches(loader, resume_batches), resume_batches
         for batch_index, x in enumerate(epoch_loader, start=skip):
             with accelerator.accumulate(model):
                 # encode, draw z ~ q(z|x) with noise of the global batch (keyed by the batch), decode
@@ -292,14 +291,9 @@ def main(args: argparse.Namespace) -> dict:
                 kl = posterior.kl().mean() / x[0].numel() if args.model == "vae" else torch.zeros((), device=x.device)
                 beta = kl_beta(args, global_step)
                 loss = recon_loss + beta * kl
-                guard.check(loss)
-                accelerator.backward(loss)  # every rank joins the all-reduce, a non-finite one too
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    guard.check(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
-                if guard.ok:
-                    optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                guarded_update(
+                    accelerator, guard, loss, optimizer, model.parameters(), args.max_grad_norm, lr_scheduler
+                )
             if not accelerator.sync_gradients:
                 continue
             global_step += 1

@@ -46,9 +46,11 @@ from hfgen.training_utils import (
     check_resume_arg,
     fused_adam,
     gather_with_grad,
+    guarded_update,
     load_checkpoint,
     load_train_dataset,
     make_accelerator,
+    resumed_epochs,
     save_checkpoint,
 )
 
@@ -305,8 +307,6 @@ def main(args: argparse.Namespace) -> dict:
 
     # 5. resume
     global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
-    first_epoch = global_step // steps_per_epoch
-    resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     # 6. loop
     logger.info(f"{len(train_set)} pairs, {max_train_steps} steps of batch {args.train_batch_size}")
@@ -314,12 +314,11 @@ def main(args: argparse.Namespace) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     loss_value = float("nan")
     guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
-    for epoch in range(first_epoch, num_epochs):
+    epochs = resumed_epochs(
+        accelerator, loader, global_step, steps_per_epoch, num_epochs, args.gradient_accumulation_steps
+    )
+    for _, _, epoch_loader in epochs:
         model.train()
-        loader.set_epoch(epoch)
-        epoch_loader = loader
-        if epoch == first_epoch and resume_batches:
-            epoch_loader = accelerator.skip_first_batches(loader, resume_batches)
         for batch in epoch_loader:
             with accelerator.accumulate(model):
                 out = model(
@@ -331,14 +330,9 @@ def main(args: argparse.Namespace) -> dict:
                 image_embeds = gather_with_grad(accelerator, out.image_embeds)  # (N, D), unit norm
                 text_embeds = gather_with_grad(accelerator, out.text_embeds)  # (N, D), unit norm
                 loss = contrastive_loss(unwrapped.logit_scale.exp() * image_embeds @ text_embeds.T)  # (N, N) -> ()
-                guard.check(loss)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    guard.check(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
-                if guard.ok:
-                    optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                guarded_update(
+                    accelerator, guard, loss, optimizer, model.parameters(), args.max_grad_norm, lr_scheduler
+                )
                 with torch.no_grad():  # temperature at most 1 / 100 (CLIP, Sec. 2.5)
                     unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             if not accelerator.sync_gradients:

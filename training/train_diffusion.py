@@ -59,12 +59,14 @@ from hfgen.training_utils import (
     all_finite,
     attach_ema,
     fused_adam,
+    guarded_update,
     lamb_param_groups,
     load_checkpoint,
     load_train_dataset,
     log_image_grid,
     make_accelerator,
     resolve_resume,
+    resumed_epochs,
     save_checkpoint,
 )
 
@@ -943,21 +945,6 @@ def validate(args, accelerator, trainer: Trainer, inputs: TrainingInputs, step: 
     return images
 
 
-def optimizer_update(args, accelerator, trainer: Trainer, guard: NonFiniteGuard, loss: torch.Tensor) -> None:
-    """Backward of one micro-batch and, at the last micro-batch of an update, the clipped step, unless the guard saw
-    a non-finite loss or gradient norm on any rank (every rank joins the all-reduce, a non-finite one too)."""
-    guard.check(loss)
-    accelerator.backward(loss)
-    if not accelerator.sync_gradients:
-        return
-    if args.max_grad_norm > 0:
-        guard.check(accelerator.clip_grad_norm_(trainer.model.parameters(), args.max_grad_norm))
-    if guard.ok or accelerator.scaler is not None:  # fp16: the grad scaler skips the step
-        trainer.optimizer.step()
-    trainer.lr_scheduler.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-
-
 def after_update(args, accelerator, trainer: Trainer, inputs, guard: NonFiniteGuard, loss, global_step: int) -> dict:
     """EMA, logs, checkpoint and validation after update ``global_step``; the same decisions on every rank."""
     if not guard.end_update(global_step) and trainer.ema is not None:
@@ -981,8 +968,6 @@ def after_update(args, accelerator, trainer: Trainer, inputs, guard: NonFiniteGu
 def train_loop(args, accelerator, trainer: Trainer, inputs, loss_fn, schedule: Schedule) -> int:
     """Train from the resumed step to ``max_train_steps``; returns the last step."""
     global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
-    first_epoch = global_step // schedule.updates_per_epoch
-    skip_batches = (global_step % schedule.updates_per_epoch) * args.gradient_accumulation_steps
     guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
     progress = tqdm(
         range(schedule.max_train_steps),
@@ -991,17 +976,29 @@ def train_loop(args, accelerator, trainer: Trainer, inputs, loss_fn, schedule: S
         disable=not accelerator.is_local_main_process,
     )
     trainer.model.train()
-    for epoch in range(first_epoch, schedule.num_epochs):
-        trainer.dataloader.set_epoch(epoch)
-        loader = trainer.dataloader
-        if epoch == first_epoch and skip_batches:
-            loader = accelerator.skip_first_batches(trainer.dataloader, skip_batches)
+    epochs = resumed_epochs(
+        accelerator,
+        trainer.dataloader,
+        global_step,
+        schedule.updates_per_epoch,
+        schedule.num_epochs,
+        args.gradient_accumulation_steps,
+    )
+    for _, _, loader in epochs:
         micro = 0
         for batch in loader:
             with accelerator.accumulate(trainer.model):
                 loss = loss_fn(batch, global_step, micro)
                 micro += 1
-                optimizer_update(args, accelerator, trainer, guard, loss)
+                guarded_update(
+                    accelerator,
+                    guard,
+                    loss,
+                    trainer.optimizer,
+                    trainer.model.parameters(),
+                    args.max_grad_norm,
+                    trainer.lr_scheduler,
+                )
             if not accelerator.sync_gradients:
                 continue
             global_step, micro = global_step + 1, 0

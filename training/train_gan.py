@@ -53,11 +53,13 @@ from hfgen.training_utils import (
     check_resume_arg,
     convert_sync_batchnorm,
     fused_adam,
+    guarded_update,
     load_checkpoint,
     load_train_dataset,
     log_image_grid,
     make_accelerator,
     plain_batchnorm,
+    resumed_epochs,
     save_checkpoint,
     to_pil_grid,
 )
@@ -322,8 +324,6 @@ def main(args: argparse.Namespace) -> dict:
 
     # 4. resume
     global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
-    first_epoch = global_step // steps_per_epoch
-    resume_batches = global_step % steps_per_epoch
 
     # 5. loop: one D update, one G update per batch
     logger.info(f"{len(dataset)} images, {max_train_steps} steps of batch {args.train_batch_size}")
@@ -337,13 +337,9 @@ def main(args: argparse.Namespace) -> dict:
     progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     logs = {}
     guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
-    for epoch in range(first_epoch, num_epochs):
+    for _, _, epoch_loader in resumed_epochs(accelerator, loader, global_step, steps_per_epoch, num_epochs):
         G.train()
         D.train()
-        loader.set_epoch(epoch)
-        epoch_loader = loader
-        if epoch == first_epoch and resume_batches:
-            epoch_loader = accelerator.skip_first_batches(loader, resume_batches)
         for real, labels in epoch_loader:
             B = real.shape[0]
             y = labels if num_classes else None
@@ -358,24 +354,12 @@ def main(args: argparse.Namespace) -> dict:
             if args.r1_gamma > 0 and global_step % args.r1_every == 0:
                 r1 = r1_penalty(D, real, y)
                 d_loss = d_loss + args.r1_every * args.r1_gamma / 2 * r1
-            guard.check(d_loss)  # a non-finite loss on any rank skips the update on all ranks
-            accelerator.backward(d_loss)  # every rank joins the all-reduce, a non-finite one too
-            if args.max_grad_norm > 0:
-                guard.check(accelerator.clip_grad_norm_(D.parameters(), args.max_grad_norm))
-            if guard.ok:
-                d_opt.step()
-            d_opt.zero_grad(set_to_none=True)
+            guarded_update(accelerator, guard, d_loss, d_opt, D.parameters(), args.max_grad_norm)
 
             # b. generator: fool the (just updated) discriminator
             z = draws.randn(latent_dim)
             g_loss = generator_loss(D(G(z, y).sample, y).logits, args.loss)
-            guard.check(g_loss)
-            accelerator.backward(g_loss)
-            if args.max_grad_norm > 0:
-                guard.check(accelerator.clip_grad_norm_(G.parameters(), args.max_grad_norm))
-            if guard.ok:
-                g_opt.step()
-            g_opt.zero_grad(set_to_none=True)
+            guarded_update(accelerator, guard, g_loss, g_opt, G.parameters(), args.max_grad_norm)
             d_opt.zero_grad(set_to_none=True)  # drop the grads g_loss left in D
             skipped = guard.end_update(global_step + 1)
             g_sched.step()
