@@ -9,7 +9,8 @@
 - Many processes, the same in all four scripts: ``GlobalBatchDraws`` (random draws keyed by (seed, step, ...) and made
   for the global batch, so 2 processes x b draw what 1 process x 2b draws), ``NonFiniteGuard`` (a non-finite loss
   or gradient skips the update on every rank alike; ``guarded_update`` is the whole update rule around it),
-  ``resumed_epochs`` (where a resumed run picks the data up), ``gather_with_grad`` (CLIP's global-batch contrast) and
+  ``resumed_epochs`` (where a resumed run picks the data up), ``TrainingLength`` (updates per epoch from the
+  sharded loader, and the LR schedule over them), ``gather_with_grad`` (CLIP's global-batch contrast) and
   ``convert_sync_batchnorm`` (GAN ``--sync_batchnorm``, also on CPU / gloo).
 - The run: ``make_accelerator``, the Accelerator, logging, seed and output folder of every script.
 - Trackers: ``--report_to`` takes Accelerate's trackers; ``log_image_grid`` sends sample grids to each active one.
@@ -26,6 +27,7 @@ The recipe itself (arguments, model, loss, loop) stays in each flat script.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -40,6 +42,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from hfgen.data import load_image_dataset, load_mnist_npz, make_shapes_dataset
@@ -413,6 +416,40 @@ class NonFiniteGuard:
         return skipped
 
 
+@dataclasses.dataclass
+class TrainingLength:
+    """
+    How long a run is, in optimiser updates counted on one process: ``updates_per_epoch`` comes from the length of
+    the *prepared* (sharded) data loader, so N processes make the updates ``--max_train_steps`` asks for (counting
+    the loader before ``accelerator.prepare`` would give each process an epoch N times too long on paper, and the
+    run would stop after 1/N of the asked updates). ``--num_epochs`` counts when ``--max_train_steps`` is not given.
+    """
+
+    updates_per_epoch: int
+    max_train_steps: int
+
+    @classmethod
+    def of(cls, prepared_loader, args) -> TrainingLength:
+        updates_per_epoch = math.ceil(len(prepared_loader) / getattr(args, "gradient_accumulation_steps", 1))
+        if updates_per_epoch == 0:
+            raise ValueError(f"the data loader yields no batch of --train_batch_size {args.train_batch_size}")
+        return cls(updates_per_epoch, args.max_train_steps or args.num_epochs * updates_per_epoch)
+
+    @property
+    def num_epochs(self) -> int:
+        return math.ceil(self.max_train_steps / self.updates_per_epoch)
+
+    def lr_scheduler(self, args, optimizer, num_processes: int):
+        """``--lr_scheduler`` with ``--lr_warmup_steps`` over the run; both counts are multiplied by the number of
+        processes because Accelerate's prepared scheduler steps once per process at each update."""
+        return get_scheduler(
+            args.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=args.lr_warmup_steps * num_processes,
+            num_training_steps=self.max_train_steps * num_processes,
+        )
+
+
 def guarded_update(
     accelerator, guard: NonFiniteGuard, loss, optimizer, parameters, max_grad_norm: float, lr_scheduler=None
 ):
@@ -438,16 +475,16 @@ def guarded_update(
     optimizer.zero_grad(set_to_none=True)
 
 
-def resumed_epochs(accelerator, loader, global_step: int, updates_per_epoch: int, num_epochs: int, accumulation=1):
+def resumed_epochs(accelerator, loader, global_step: int, length: TrainingLength, accumulation: int = 1):
     """
     Yield (epoch, index of its first batch, its loader) from the epoch that holds ``global_step`` on, each epoch's
     loader set to its seeded order (``loader.set_epoch``); in the resumed epoch the loader skips the batches the
     checkpointed run already trained on (``updates x accumulation``), so a resumed run sees what an uninterrupted one
     sees.
     """
-    first_epoch = global_step // updates_per_epoch
-    skip = (global_step % updates_per_epoch) * accumulation
-    for epoch in range(first_epoch, num_epochs):
+    first_epoch = global_step // length.updates_per_epoch
+    skip = (global_step % length.updates_per_epoch) * accumulation
+    for epoch in range(first_epoch, length.num_epochs):
         loader.set_epoch(epoch)
         if epoch == first_epoch and skip:
             yield epoch, skip, accelerator.skip_first_batches(loader, skip)

@@ -158,30 +158,31 @@ def assert_ranks_identical(out: Path, step: int, with_buffers: bool) -> None:
 
 @pytest.mark.parametrize("name", sorted(TWO_PROCESS_RUNS))
 def test_two_processes_stay_in_step_and_match_one_process_with_double_batch(tmp_path, name):
-    """2 processes x batch 4 for 3 steps: both ranks hold identical weights; the saved output equals that of
+    """2 processes x batch 4 for 6 steps, which cross an epoch (32 examples: 4 batches per process and epoch):
+    both ranks make all 6 updates and hold identical weights; the saved output equals that of
     1 process x batch 8 (draws keyed by the global batch, CLIP's loss over the gathered global batch, the GAN with
     ``--sync_batchnorm``); one checkpoint holds both ranks' random states, the output folder is complete.
     Tolerance rtol 1e-3 / atol 1e-4: the all-reduce and the per-rank partial sums add in another order (float32
     rounding, ~1e-7 of the summands); Adam divides a gradient by sqrt(v) + eps (1e-8 or larger), so a gradient that
-    is nothing but rounding (<= ~1e-10) moves a weight by at most lr * 1e-10 / 1e-8 ~ 1e-5 a step, 3 steps < 1e-4.
+    is nothing but rounding (<= ~1e-10) moves a weight by at most lr * 1e-10 / 1e-8 ~ 1e-5 a step, 6 steps < 1e-4.
     The bugs this guards against differ by 1e-3 to 1 (an unsynchronised rank, CLIP's per-shard contrast)."""
     script = TWO_PROCESS_RUNS[name]
     extra = ["--sync_batchnorm"] if name == "gan" else []
-    steps = ["--max_train_steps", "3", "--checkpointing_steps", "3", *extra]
+    steps = ["--max_train_steps", "6", "--checkpointing_steps", "6", *extra]
     two = tmp_path / "two"
     result = launch_two_processes(script, [*script.args, *steps, "--train_batch_size", "4"], two,
                                   29530 + sorted(TWO_PROCESS_RUNS).index(name))  # fmt: skip
-    assert_ranks_identical(two, 3, with_buffers=True)
-    assert "saved" in result.stderr and "checkpoint-3" in result.stderr  # the scripts' logger.info lines print
+    assert_ranks_identical(two, 6, with_buffers=True)
+    assert "saved" in result.stderr and "checkpoint-6" in result.stderr  # the scripts' logger.info lines print
 
-    assert checkpoints(two) == ["checkpoint-3"]
-    ckpt = two / "checkpoint-3"
+    assert checkpoints(two) == ["checkpoint-6"]
+    ckpt = two / "checkpoint-6"
     assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
     assert not list(two.glob(".tmp-checkpoint-*")) and not list(two.glob(".deleting-*"))
     if not name.startswith("diffusion"):
         assert (ckpt / "ema_state.safetensors").exists()
         report_file = {"clip": "zero_shot.json"}.get(name, "train_report.json")
-        assert json.loads((two / report_file).read_text())["steps"] == 3
+        assert json.loads((two / report_file).read_text())["steps"] == 6
 
     one = tmp_path / "one"
     script.module.main(script.module.parse_args([*script.args, *steps, "--train_batch_size", "8", "--output_dir",

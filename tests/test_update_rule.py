@@ -6,7 +6,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from hfgen.training_utils import NonFiniteGuard, guarded_update, resumed_epochs
+from hfgen.training_utils import NonFiniteGuard, TrainingLength, guarded_update, resumed_epochs
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ class Skipper:
 def test_resumed_epochs_start_where_the_checkpoint_stopped(step, accumulation, first):
     """5 updates per epoch, 3 epochs: step 7 is 2 updates into epoch 1, i.e. 2 x accumulation batches."""
     loader = Loader()
-    got = list(resumed_epochs(Skipper(), loader, step, 5, 3, accumulation))
+    got = list(resumed_epochs(Skipper(), loader, step, TrainingLength(5, 15), accumulation))
     epoch, skip, epoch_loader = got[0]
     assert (epoch, skip) == first
     assert epoch_loader == (("skipped", skip) if skip else loader)

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -42,6 +41,7 @@ from hfgen.training_utils import (
     REPORT_TO_CHOICES,
     GlobalBatchDraws,
     NonFiniteGuard,
+    TrainingLength,
     attach_ema,
     check_resume_arg,
     fused_adam,
@@ -248,16 +248,10 @@ def main(args: argparse.Namespace) -> dict:
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
     )
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(EncodeDecode(vae), optimizer, loader, lr_scheduler)
+    loader = accelerator.prepare(loader)  # sharded first: an epoch is what one process sees of it
+    length = TrainingLength.of(loader, args)
+    lr_scheduler = length.lr_scheduler(args, optimizer, accelerator.num_processes)
+    model, optimizer, lr_scheduler = accelerator.prepare(EncodeDecode(vae), optimizer, lr_scheduler)
     if ema is not None:
         attach_ema(accelerator, ema)  # on the device, saved in the checkpoints as safetensors
     if accelerator.is_main_process and args.report_to != "none":
@@ -270,16 +264,14 @@ def main(args: argparse.Namespace) -> dict:
     global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
 
     # 5. loop
-    logger.info(f"{len(dataset)} images, {max_train_steps} steps of batch {args.train_batch_size}")
+    logger.info(f"{len(dataset)} images, {length.max_train_steps} steps of batch {args.train_batch_size}")
     unwrapped = accelerator.unwrap_model(model).vae
     fixed_images = fixed_images.to(accelerator.device)
     latent_shape = (unwrapped.config.latent_channels,) + (args.resolution // unwrapped.downsample_factor,) * 2
-    progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
+    progress = tqdm(range(length.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
     logs = {}
-    epochs = resumed_epochs(
-        accelerator, loader, global_step, steps_per_epoch, num_epochs, args.gradient_accumulation_steps
-    )
+    epochs = resumed_epochs(accelerator, loader, global_step, length, args.gradient_accumulation_steps)
     for epoch, skip, epoch_loader in epochs:
         model.train()
         for batch_index, x in enumerate(epoch_loader, start=skip):
@@ -311,9 +303,9 @@ def main(args: argparse.Namespace) -> dict:
                                 script_state=guard.script_state())  # fmt: skip
             if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
                 log_samples(unwrapped, fixed_images, args, accelerator, global_step)
-            if global_step >= max_train_steps:
+            if global_step >= length.max_train_steps:
                 break
-        if global_step >= max_train_steps:
+        if global_step >= length.max_train_steps:
             break
 
     # 6. EMA weights, scaling_factor = 1 / std(z), save the pipeline folder

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -42,6 +41,7 @@ from hfgen.data import COLORS, SHAPE_PAIRS, SHAPES, make_shapes_dataset
 from hfgen.training_utils import (
     REPORT_TO_CHOICES,
     NonFiniteGuard,
+    TrainingLength,
     attach_ema,
     check_resume_arg,
     fused_adam,
@@ -224,6 +224,77 @@ def save_image_processor_config(folder: str | os.PathLike, image_size: int) -> N
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def pretrained_path(args) -> str | None:
+    """``--pretrained_model_name_or_path``, pointed at its clip/ subfolder when it is this script's output."""
+    path = args.pretrained_model_name_or_path
+    if path and os.path.isdir(os.path.join(path, "clip")):
+        return os.path.join(path, "clip")
+    return path
+
+
+def load_tokenizer(args, captions: list[str]) -> CLIPTokenizer:
+    """Pretrained (``--tokenizer_name`` or the pretrained model's), the one a resumed run saved in output_dir, or
+    learned from the training captions."""
+    saved = os.path.join(args.output_dir, "tokenizer")
+    if args.tokenizer_name or pretrained_path(args):
+        return CLIPTokenizer.from_pretrained(args.tokenizer_name or pretrained_path(args))
+    if args.resume_from_checkpoint and os.path.isfile(os.path.join(saved, "tokenizer_config.json")):
+        return CLIPTokenizer.from_pretrained(saved)
+    return train_clip_tokenizer(captions, vocab_size=args.vocab_size, model_max_length=args.max_length)
+
+
+def build_clip(args, tokenizer) -> CLIPModel:
+    """The pretrained CLIP, or a small one of the size flags for the tokenizer's vocabulary."""
+    if args.pretrained_model_name_or_path:
+        return CLIPModel.from_pretrained(pretrained_path(args))
+    config = small_clip_config(
+        tokenizer,
+        image_size=args.resolution,
+        patch_size=args.patch_size,
+        vision_width=args.vision_width,
+        vision_layers=args.vision_layers,
+        text_width=args.text_width,
+        text_layers=args.text_layers,
+        num_heads=args.num_heads,
+        projection_dim=args.projection_dim,
+    )
+    return CLIPModel(config)
+
+
+def make_optimizer(model: CLIPModel, args) -> torch.optim.Optimizer:
+    """AdamW without weight decay on gains, biases, positional embeddings and the temperature (CLIP, Sec. 2.5)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "position_embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "position_embedding" not in n)]
+    return fused_adam(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+
+
+def save_outputs(args, model: CLIPModel, tokenizer, image_size: int) -> None:
+    """clip/ (model, tokenizer, image processor config), text_encoder/ (the conditioning encoder) and tokenizer/."""
+    clip_dir = os.path.join(args.output_dir, "clip")
+    model.save_pretrained(clip_dir)
+    tokenizer.save_pretrained(clip_dir)
+    save_image_processor_config(clip_dir, image_size)
+    save_text_encoder(model, os.path.join(args.output_dir, "text_encoder"))
+    tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
+
+
+def evaluate(model: CLIPModel, tokenizer, held_out, class_names, templates) -> dict:
+    """Zero-shot accuracy on the held-out images, or a note saying why there is none."""
+    if held_out is None:
+        return {
+            "zero_shot_accuracy": None,
+            "note": "no held-out labels: pass --label_column to measure zero-shot accuracy",
+        }
+    report = zero_shot_report(model, tokenizer, held_out, class_names, templates)
+    logger.info(f"zero-shot accuracy {report['zero_shot_accuracy']:.3f} (chance {report['chance']:.3f})")
+    return report
+
+
 def main(args: argparse.Namespace) -> dict:
     """Train, save clip/ text_encoder/ tokenizer/ and zero_shot.json in ``args.output_dir``; return the report."""
     accelerator = make_accelerator(args)  # data order = f(seed, epoch)
@@ -231,38 +302,12 @@ def main(args: argparse.Namespace) -> dict:
     # 1. data
     train_set, held_out, class_names, templates = load_data(args)
 
-    # 2. tokenizer: pretrained, or learned from the captions (kept in output_dir so that a resumed run reuses it)
+    # 2. tokenizer (kept in output_dir so that a resumed run reuses it) and model
     tokenizer_dir = os.path.join(args.output_dir, "tokenizer")
-    model_path = args.pretrained_model_name_or_path
-    if model_path and os.path.isdir(os.path.join(model_path, "clip")):
-        model_path = os.path.join(model_path, "clip")  # the output of this script
-    if args.tokenizer_name or model_path:
-        tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name or model_path)
-    elif args.resume_from_checkpoint and os.path.isfile(os.path.join(tokenizer_dir, "tokenizer_config.json")):
-        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    else:
-        tokenizer = train_clip_tokenizer(
-            train_set["text"], vocab_size=args.vocab_size, model_max_length=args.max_length
-        )
+    tokenizer = load_tokenizer(args, train_set["text"])
     if accelerator.is_main_process:
         tokenizer.save_pretrained(tokenizer_dir)
-
-    # 3. model
-    if args.pretrained_model_name_or_path:
-        model = CLIPModel.from_pretrained(model_path)
-    else:
-        config = small_clip_config(
-            tokenizer,
-            image_size=args.resolution,
-            patch_size=args.patch_size,
-            vision_width=args.vision_width,
-            vision_layers=args.vision_layers,
-            text_width=args.text_width,
-            text_layers=args.text_layers,
-            num_heads=args.num_heads,
-            projection_dim=args.projection_dim,
-        )
-        model = CLIPModel(config)
+    model = build_clip(args, tokenizer)
     image_size = model.config.vision_config.image_size
     max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
     ema = EMAModel(model.parameters(), decay=args.ema_decay) if args.use_ema else None
@@ -281,42 +326,27 @@ def main(args: argparse.Namespace) -> dict:
         num_workers=args.dataloader_num_workers,
     )
 
-    # 4. optimiser: no weight decay on gains, biases, embeddings' positions and the temperature (CLIP, Sec. 2.5)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "position_embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "position_embedding" not in n)]
-    optimizer = fused_adam(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-    )
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    # 3. optimiser
+    optimizer = make_optimizer(model, args)
+    loader = accelerator.prepare(loader)  # sharded first: an epoch is what one process sees of it
+    length = TrainingLength.of(loader, args)
+    lr_scheduler = length.lr_scheduler(args, optimizer, accelerator.num_processes)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema is not None:
         attach_ema(accelerator, ema)  # on the device, saved in the checkpoints as safetensors
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("train_clip", config={k: v for k, v in vars(args).items() if v is not None})
 
-    # 5. resume
+    # 4. resume
     global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
 
-    # 6. loop
-    logger.info(f"{len(train_set)} pairs, {max_train_steps} steps of batch {args.train_batch_size}")
-    progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
+    # 5. loop
+    logger.info(f"{len(train_set)} pairs, {length.max_train_steps} steps of batch {args.train_batch_size}")
+    progress = tqdm(range(length.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     unwrapped = accelerator.unwrap_model(model)
     loss_value = float("nan")
     guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
-    epochs = resumed_epochs(
-        accelerator, loader, global_step, steps_per_epoch, num_epochs, args.gradient_accumulation_steps
-    )
+    epochs = resumed_epochs(accelerator, loader, global_step, length, args.gradient_accumulation_steps)
     for _, _, epoch_loader in epochs:
         model.train()
         for batch in epoch_loader:
@@ -353,29 +383,19 @@ def main(args: argparse.Namespace) -> dict:
                 weights = list(unwrapped.parameters()) + (list(ema.shadow_params) if ema else [])
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, weights,
                                 script_state=guard.script_state())  # fmt: skip
-            if global_step >= max_train_steps:
+            if global_step >= length.max_train_steps:
                 break
-        if global_step >= max_train_steps:
+        if global_step >= length.max_train_steps:
             break
 
-    # 7. save clip/, text_encoder/, tokenizer/, then zero-shot on held-out images
+    # 6. save clip/, text_encoder/, tokenizer/, then zero-shot on held-out images
     accelerator.wait_for_everyone()
     report = {"steps": global_step, "final_loss": loss_value, "skipped_steps": guard.skipped}
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(unwrapped.parameters())
-        clip_dir = os.path.join(args.output_dir, "clip")
-        unwrapped.save_pretrained(clip_dir)
-        tokenizer.save_pretrained(clip_dir)
-        save_image_processor_config(clip_dir, image_size)
-        save_text_encoder(unwrapped, os.path.join(args.output_dir, "text_encoder"))
-        tokenizer.save_pretrained(tokenizer_dir)
-        if held_out is not None:
-            report.update(zero_shot_report(unwrapped, tokenizer, held_out, class_names, templates))
-            logger.info(f"zero-shot accuracy {report['zero_shot_accuracy']:.3f} (chance {report['chance']:.3f})")
-        else:
-            report["zero_shot_accuracy"] = None
-            report["note"] = "no held-out labels: pass --label_column to measure zero-shot accuracy"
+        save_outputs(args, unwrapped, tokenizer, image_size)
+        report.update(evaluate(unwrapped, tokenizer, held_out, class_names, templates))
         Path(args.output_dir, "zero_shot.json").write_text(json.dumps(report, indent=2))
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder

@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import inspect
 import json
-import math
 import os
 from collections import OrderedDict
 
@@ -40,7 +39,6 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, is_compiled_module
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -56,6 +54,7 @@ from hfgen.training_utils import (
     GlobalBatchDraws,
     Lamb,
     NonFiniteGuard,
+    TrainingLength,
     all_finite,
     attach_ema,
     fused_adam,
@@ -768,27 +767,12 @@ def make_dataloader(args, examples: TrainExamples) -> torch.utils.data.DataLoade
     )
 
 
-@dataclasses.dataclass
-class Schedule:
-    """How long the run is, in optimiser updates (``max_train_steps``) and the epochs that hold them."""
-
-    updates_per_epoch: int
-    max_train_steps: int
-
-    @classmethod
-    def of(cls, args, num_examples: int, num_processes: int) -> Schedule:
-        if num_examples < args.train_batch_size * num_processes:
-            raise ValueError(
-                f"the data set has {num_examples} examples, fewer than one global batch "
-                f"(--train_batch_size {args.train_batch_size} x {num_processes} processes)"
-            )
-        batches_per_epoch = num_examples // (args.train_batch_size * num_processes)  # per process (drop_last)
-        updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-        return cls(updates_per_epoch, args.max_train_steps or args.num_epochs * updates_per_epoch)
-
-    @property
-    def num_epochs(self) -> int:
-        return math.ceil(self.max_train_steps / self.updates_per_epoch)
+def check_global_batch(args, num_examples: int, num_processes: int) -> None:
+    if num_examples < args.train_batch_size * num_processes:
+        raise ValueError(
+            f"the data set has {num_examples} examples, fewer than one global batch "
+            f"(--train_batch_size {args.train_batch_size} x {num_processes} processes)"
+        )
 
 
 def make_noise_scheduler(args) -> DDPMScheduler:
@@ -828,6 +812,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     dataloader: torch.utils.data.DataLoader
+    length: TrainingLength
     noise_scheduler: DDPMScheduler
     ema: EMAModel | None
 
@@ -836,7 +821,7 @@ class Trainer:
         return list(self.denoiser.parameters()) + (list(self.ema.shadow_params) if self.ema else [])
 
 
-def prepare_trainer(args, accelerator, inputs: TrainingInputs, schedule: Schedule) -> Trainer:
+def prepare_trainer(args, accelerator, inputs: TrainingInputs) -> Trainer:
     if args.optimizer == "lamb" and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError("--optimizer lamb needs whole weight tensors on every rank (DDP or one process), not shards")
     if args.allow_tf32:
@@ -848,19 +833,15 @@ def prepare_trainer(args, accelerator, inputs: TrainingInputs, schedule: Schedul
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)  # before the optimiser and EMA copy the parameters
     optimizer = make_optimizer(model, args)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=schedule.max_train_steps * accelerator.num_processes,
-    )
     ema = make_ema(args, model, accelerator)
-    dataloader = make_dataloader(args, inputs.examples)
-    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    dataloader = accelerator.prepare(make_dataloader(args, inputs.examples))  # sharded: one process's epoch
+    length = TrainingLength.of(dataloader, args)
+    lr_scheduler = length.lr_scheduler(args, optimizer, accelerator.num_processes)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if args.compile:
         model = compile_model(accelerator, model, args.compile_mode)
     denoiser = accelerator.unwrap_model(model, keep_torch_compile=False)  # no _orig_mod. names in the weights
-    return Trainer(model, denoiser, optimizer, lr_scheduler, dataloader, make_noise_scheduler(args), ema)
+    return Trainer(model, denoiser, optimizer, lr_scheduler, dataloader, length, make_noise_scheduler(args), ema)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -965,24 +946,19 @@ def after_update(args, accelerator, trainer: Trainer, inputs, guard: NonFiniteGu
     return logs
 
 
-def train_loop(args, accelerator, trainer: Trainer, inputs, loss_fn, schedule: Schedule) -> int:
+def train_loop(args, accelerator, trainer: Trainer, inputs, loss_fn) -> int:
     """Train from the resumed step to ``max_train_steps``; returns the last step."""
     global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
     guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
     progress = tqdm(
-        range(schedule.max_train_steps),
+        range(trainer.length.max_train_steps),
         initial=global_step,
         desc="steps",
         disable=not accelerator.is_local_main_process,
     )
     trainer.model.train()
     epochs = resumed_epochs(
-        accelerator,
-        trainer.dataloader,
-        global_step,
-        schedule.updates_per_epoch,
-        schedule.num_epochs,
-        args.gradient_accumulation_steps,
+        accelerator, trainer.dataloader, global_step, trainer.length, args.gradient_accumulation_steps
     )
     for _, _, loader in epochs:
         micro = 0
@@ -1004,7 +980,7 @@ def train_loop(args, accelerator, trainer: Trainer, inputs, loss_fn, schedule: S
             global_step, micro = global_step + 1, 0
             progress.update(1)
             progress.set_postfix(**after_update(args, accelerator, trainer, inputs, guard, loss, global_step))
-            if global_step >= schedule.max_train_steps:
+            if global_step >= trainer.length.max_train_steps:
                 break
     progress.close()
     return global_step
@@ -1030,8 +1006,8 @@ def save_outputs(args, trainer: Trainer, inputs: TrainingInputs, device, global_
 def main(args: argparse.Namespace) -> None:
     accelerator = make_accelerator(args, seedable_sampler=False)  # the data order is EpochSampler's
     inputs = prepare_inputs(args, accelerator.device)
-    schedule = Schedule.of(args, len(inputs.examples), accelerator.num_processes)
-    trainer = prepare_trainer(args, accelerator, inputs, schedule)
+    check_global_batch(args, len(inputs.examples), accelerator.num_processes)
+    trainer = prepare_trainer(args, accelerator, inputs)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if inputs.vae is not None:
         inputs.vae.to(accelerator.device, dtype=weight_dtype)
@@ -1040,7 +1016,7 @@ def main(args: argparse.Namespace) -> None:
         accelerator.init_trackers("train_diffusion", config)
 
     loss_fn = MicroBatchLoss(args, accelerator, trainer, inputs, weight_dtype)
-    global_step = train_loop(args, accelerator, trainer, inputs, loss_fn, schedule)
+    global_step = train_loop(args, accelerator, trainer, inputs, loss_fn)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

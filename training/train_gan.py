@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -49,6 +48,7 @@ from hfgen.training_utils import (
     REPORT_TO_CHOICES,
     GlobalBatchDraws,
     NonFiniteGuard,
+    TrainingLength,
     attach_ema,
     check_resume_arg,
     convert_sync_batchnorm,
@@ -260,13 +260,8 @@ def log_samples(generator, fixed_z, fixed_labels, args, accelerator: Accelerator
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace) -> dict:
-    """Train, save an ``HFGenGANPipeline`` folder (and ``discriminator/``) in ``args.output_dir``; return a report."""
-    accelerator = make_accelerator(args)  # data order = f(seed, epoch)
-
-    # 1. data: (B, C, H, W) in [-1, 1] and labels (B,)
-    dataset, transform = load_train_set(args)
-    num_classes = num_labels(dataset) if args.class_conditional else None
+def make_loader(args, dataset, transform) -> torch.utils.data.DataLoader:
+    """Batches of (images (B, C, H, W) in [-1, 1], labels (B,)); label 0 where the data set has none."""
     has_labels = "label" in dataset.column_names
     dataset.set_transform(
         lambda ex: {
@@ -274,7 +269,7 @@ def main(args: argparse.Namespace) -> dict:
             "label": ex["label"] if has_labels else [0] * len(ex["image"]),
         }
     )
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
         shuffle=True,
@@ -286,7 +281,10 @@ def main(args: argparse.Namespace) -> dict:
         num_workers=args.dataloader_num_workers,
     )
 
-    # 2. models
+
+def build_gan(args, num_classes: int | None, device) -> tuple[GANGenerator, GANDiscriminator]:
+    """Generator and discriminator of ``--preset``, with the flags' overrides (latent size, conditioning, spectral
+    norm, SyncBatchNorm in G)."""
     g_kwargs, d_kwargs = (dict(kw) for kw in GAN_PRESETS[args.preset])
     if args.latent_dim is not None:
         g_kwargs["latent_dim"] = args.latent_dim
@@ -294,26 +292,31 @@ def main(args: argparse.Namespace) -> dict:
     G = GANGenerator(**g_kwargs, **common, out_channels=args.channels, class_conditioning=args.class_conditioning)
     D = GANDiscriminator(**d_kwargs, **common, in_channels=args.channels, spectral_norm=args.spectral_norm)
     if args.sync_batchnorm:
-        G = convert_sync_batchnorm(G, accelerator.device)
+        G = convert_sync_batchnorm(G, device)
+    return G, D
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train, save an ``HFGenGANPipeline`` folder (and ``discriminator/``) in ``args.output_dir``; return a report."""
+    accelerator = make_accelerator(args)  # data order = f(seed, epoch)
+
+    # 1. data: (B, C, H, W) in [-1, 1] and labels (B,)
+    dataset, transform = load_train_set(args)
+    num_classes = num_labels(dataset) if args.class_conditional else None
+    loader = make_loader(args, dataset, transform)
+
+    # 2. models
+    G, D = build_gan(args, num_classes, accelerator.device)
     ema = EMAModel(G.parameters(), decay=args.ema_decay) if args.use_ema else None
 
     # 3. optimisers (TTUR)
     betas = (args.adam_beta1, args.adam_beta2)
     g_opt = fused_adam(G.parameters(), decoupled_weight_decay=False, lr=args.g_lr, betas=betas)
     d_opt = fused_adam(D.parameters(), decoupled_weight_decay=False, lr=args.d_lr, betas=betas)
-    steps_per_epoch = len(loader)
-    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    g_sched, d_sched = (
-        get_scheduler(
-            args.lr_scheduler,
-            optimizer=opt,
-            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=max_train_steps * accelerator.num_processes,
-        )
-        for opt in (g_opt, d_opt)
-    )
-    G, D, g_opt, d_opt, loader, g_sched, d_sched = accelerator.prepare(G, D, g_opt, d_opt, loader, g_sched, d_sched)
+    loader = accelerator.prepare(loader)  # sharded first: an epoch is what one process sees of it
+    length = TrainingLength.of(loader, args)
+    g_sched, d_sched = (length.lr_scheduler(args, opt, accelerator.num_processes) for opt in (g_opt, d_opt))
+    G, D, g_opt, d_opt, g_sched, d_sched = accelerator.prepare(G, D, g_opt, d_opt, g_sched, d_sched)
     if ema is not None:
         attach_ema(accelerator, ema)  # on the device, saved in the checkpoints as safetensors
     if accelerator.is_main_process and args.report_to != "none":
@@ -326,7 +329,7 @@ def main(args: argparse.Namespace) -> dict:
     global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
 
     # 5. loop: one D update, one G update per batch
-    logger.info(f"{len(dataset)} images, {max_train_steps} steps of batch {args.train_batch_size}")
+    logger.info(f"{len(dataset)} images, {length.max_train_steps} steps of batch {args.train_batch_size}")
     G_unwrapped = accelerator.unwrap_model(G)
     latent_dim, device = G_unwrapped.config.latent_dim, accelerator.device
     fixed = torch.Generator().manual_seed(0)
@@ -334,10 +337,10 @@ def main(args: argparse.Namespace) -> dict:
     fixed_labels = None
     if num_classes:
         fixed_labels = (torch.arange(args.num_sample_images) % num_classes).to(device)
-    progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
+    progress = tqdm(range(length.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     logs = {}
     guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
-    for _, _, epoch_loader in resumed_epochs(accelerator, loader, global_step, steps_per_epoch, num_epochs):
+    for _, _, epoch_loader in resumed_epochs(accelerator, loader, global_step, length):
         G.train()
         D.train()
         for real, labels in epoch_loader:
@@ -380,9 +383,9 @@ def main(args: argparse.Namespace) -> dict:
             if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
                 g_sample = sampling_generator(G_unwrapped, ema, args, accelerator.num_processes)
                 log_samples(g_sample, fixed_z, fixed_labels, args, accelerator, global_step)
-            if global_step >= max_train_steps:
+            if global_step >= length.max_train_steps:
                 break
-        if global_step >= max_train_steps:
+        if global_step >= length.max_train_steps:
             break
 
     # 6. the saved generator: EMA weights, BatchNorm stats re-estimated for them
