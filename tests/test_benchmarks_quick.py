@@ -80,6 +80,15 @@ def test_classifier_quality_and_sampler_steps_quick(tmp_path, monkeypatch):
             )
         )
         assert steps["best"] == model and len(steps["rows"]) == 4  # floor + DDIM + DDPM + DPM-Solver
+    flow_steps = bench_sampler_steps.main(
+        bench_sampler_steps.parse_args(
+            ["--quick", "--quality_dir", str(quality), "--classifier", str(clf), "--model", "hfgen-flow"]
+        )
+    )
+    assert [(r["sampler"], r["steps"], r["calls"]) for r in flow_steps["rows"][1:]] == [
+        ("diffusers FlowMatchEuler", 2, 2),
+        ("diffusers FlowMatchHeun", 2, 3),  # Heun: two denoiser calls a step but the last
+    ]
 
 
 @needs_mnist
