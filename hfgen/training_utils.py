@@ -12,7 +12,8 @@
   ``resumed_epochs`` (where a resumed run picks the data up), ``TrainingLength`` (updates per epoch from the
   sharded loader, and the LR schedule over them), ``gather_with_grad`` (CLIP's global-batch contrast) and
   ``convert_sync_batchnorm`` (GAN ``--sync_batchnorm``, also on CPU / gloo).
-- The run: ``make_accelerator``, the Accelerator, logging, seed and output folder of every script.
+- The run: ``add_run_args``, the run flags of every script, and ``make_accelerator``, the Accelerator, logging,
+  seed and output folder they give.
 - Trackers: ``--report_to`` takes Accelerate's trackers; ``log_image_grid`` sends sample grids to each active one.
 - EMA: a diffusers ``EMAModel`` travels in the checkpoint as safetensors (``hfgen.loading.save_ema_state``) through
   Accelerate's save / load pre-hooks.
@@ -643,6 +644,24 @@ def to_pil_grid(images: torch.Tensor, cols: int) -> PIL.Image.Image:
 # ----------------------------------------------------------------------------------------------------------------------
 # The run: one Accelerator set-up for all four scripts
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_run_args(p, output_dir: str | None) -> None:
+    """The flags of a run that all four scripts share, with the same names, defaults and meaning: seed, precision,
+    the non-finite stop, the output folder (``output_dir`` its default; None: required), checkpoints and resume,
+    trackers and the Hub. ``make_accelerator`` reads them."""
+    g = p.add_argument_group("run: seed, precision, checkpoints, logging, Hub (the same in every training script)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")
+    g.add_argument("--max_nonfinite_steps", type=int, default=10, help="stop after this many non-finite updates")
+    g.add_argument("--output_dir", default=output_dir, required=output_dir is None)
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
+    g.add_argument("--logging_dir", default="logs", help="the trackers' folder, relative to --output_dir")
+    g.add_argument("--report_to", choices=REPORT_TO_CHOICES, default="tensorboard", help="an Accelerate tracker")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", default=None)
 
 
 def make_accelerator(args, seedable_sampler: bool = True) -> Accelerator:

@@ -72,7 +72,7 @@ def test_classifier_quality_and_sampler_steps_quick(tmp_path, monkeypatch):
         assert out[name]["steps"] > 0 and out[name]["fid"] > 0
         assert (quality / name / "model_index.json").exists() and (quality / name / "samples.pt").exists()
     flow = bench_quality.HFGenPipeline.from_pretrained(quality / "hfgen-flow")
-    assert type(flow.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert type(flow.scheduler).__name__ == "FlowMatchHeunDiscreteScheduler"  # as many calls as 25 DDIM steps
     for model in ("hfgen", "diffusers"):
         steps = bench_sampler_steps.main(
             bench_sampler_steps.parse_args(

@@ -39,9 +39,9 @@ from hfgen.clip import (
 )
 from hfgen.data import COLORS, SHAPE_PAIRS, SHAPES, make_shapes_dataset
 from hfgen.training_utils import (
-    REPORT_TO_CHOICES,
     NonFiniteGuard,
     TrainingLength,
+    add_run_args,
     attach_ema,
     check_resume_arg,
     fused_adam,
@@ -90,7 +90,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     p.add_argument("--cache_dir", default=None)
     # optimisation
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train_batch_size", type=int, default=128)
     p.add_argument("--num_epochs", type=int, default=100)
     p.add_argument("--max_train_steps", type=int, default=None, help="overrides num_epochs")
@@ -103,19 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr_warmup_steps", type=int, default=100)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     p.add_argument("--use_ema", action="store_true", help="save an exponential moving average of the weights")
     p.add_argument("--ema_decay", type=float, default=0.999)
-    p.add_argument("--max_nonfinite_steps", type=int, default=10, help="stop after this many non-finite updates")
-    # checkpoints, logging, Hub
-    p.add_argument("--output_dir", default="clip-model")
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--checkpoints_total_limit", type=int, default=None)
-    p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
-    p.add_argument("--logging_dir", default="logs")
-    p.add_argument("--report_to", default="tensorboard", choices=REPORT_TO_CHOICES, help="an Accelerate tracker")
-    p.add_argument("--push_to_hub", action="store_true")
-    p.add_argument("--hub_model_id", default=None)
+    add_run_args(p, output_dir="clip-model")
     args = p.parse_args(argv)
 
     if args.dataset_name is not None and args.train_data_dir is not None:

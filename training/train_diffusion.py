@@ -50,11 +50,11 @@ from hfgen.guidance import drop_captions, drop_class_labels
 from hfgen.pipelines.hub import image_grid
 from hfgen.schedulers import BETA_SCHEDULES, PREDICTION_TYPES, DDIMScheduler, DDPMScheduler
 from hfgen.training_utils import (
-    REPORT_TO_CHOICES,
     GlobalBatchDraws,
     Lamb,
     NonFiniteGuard,
     TrainingLength,
+    add_run_args,
     all_finite,
     attach_ema,
     fused_adam,
@@ -536,8 +536,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pad_images", action="store_true", help="pad smaller images to --resolution instead of resizing")
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     # optimisation
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--train_batch_size", type=int, default=None, help="per process (default: the family's, SMALL_DATA_RECIPES)"
     )
@@ -559,18 +557,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")
     p.add_argument("--use_ema", action="store_true")
     p.add_argument("--ema_max_decay", type=float, default=0.9999)
     p.add_argument("--ema_inv_gamma", type=float, default=1.0)
     p.add_argument("--ema_power", type=float, default=0.75)
-    p.add_argument("--max_nonfinite_steps", type=int, default=10, help="stop after this many non-finite losses")
-    # checkpoints, logging, sampling, hub
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--checkpoints_total_limit", type=int, default=None)
-    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
-    p.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
-    p.add_argument("--report_to", choices=REPORT_TO_CHOICES, default="tensorboard", help="an Accelerate tracker")
+    # validation samples, the Hub token
     p.add_argument("--validation_steps", type=int, default=None, help="log a sample grid every N steps")
     p.add_argument("--validation_prompts", nargs="*", default=None, help="text conditioning: prompts to sample")
     p.add_argument("--num_validation_images", type=int, default=16)
@@ -581,9 +572,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="CFG scale for conditional samples; default: the pipeline's (class 3.0, text 5.0, hfgen.guidance)",
     )
-    p.add_argument("--push_to_hub", action="store_true")
-    p.add_argument("--hub_model_id", default=None)
     p.add_argument("--hub_token", default=None)
+    add_run_args(p, output_dir=None)
     args = p.parse_args(argv)
     for name, value in SMALL_DATA_RECIPES.get(args.model, {}).items():
         if getattr(args, name) is None:

@@ -45,10 +45,10 @@ from hfgen.data import image_transform
 from hfgen.gan import CLASS_CONDITIONINGS, GAN_PRESETS, GANDiscriminator, GANGenerator
 from hfgen.pipelines import HFGenGANPipeline
 from hfgen.training_utils import (
-    REPORT_TO_CHOICES,
     GlobalBatchDraws,
     NonFiniteGuard,
     TrainingLength,
+    add_run_args,
     attach_ema,
     check_resume_arg,
     convert_sync_batchnorm,
@@ -100,7 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     p.add_argument("--cache_dir", default=None)
     # optimisation
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train_batch_size", type=int, default=64)
     p.add_argument("--num_epochs", type=int, default=20)
     p.add_argument("--max_train_steps", type=int, default=None, help="overrides num_epochs")
@@ -113,10 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="must be 1 (alternating updates)")
     p.add_argument("--max_grad_norm", type=float, default=0.0, help="0: no clipping")
-    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     p.add_argument("--use_ema", action="store_true", help="save an exponential moving average of the generator")
     p.add_argument("--ema_decay", type=float, default=0.999)
-    p.add_argument("--max_nonfinite_steps", type=int, default=10, help="stop after this many non-finite updates")
     p.add_argument(
         "--sync_batchnorm",
         action="store_true",
@@ -124,17 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "default each process normalises with its own batch's statistics, as DDP does",
     )
     p.add_argument("--bn_calibration_batches", type=int, default=16, help="batches to re-estimate BatchNorm stats")
-    # output
-    p.add_argument("--output_dir", default="gan-model")
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--checkpoints_total_limit", type=int, default=None)
-    p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
+    # samples
     p.add_argument("--sample_steps", type=int, default=500, help="write a sample grid every N steps")
     p.add_argument("--num_sample_images", type=int, default=64)
-    p.add_argument("--logging_dir", default="logs")
-    p.add_argument("--report_to", default="tensorboard", choices=REPORT_TO_CHOICES, help="an Accelerate tracker")
-    p.add_argument("--push_to_hub", action="store_true")
-    p.add_argument("--hub_model_id", default=None)
+    add_run_args(p, output_dir="gan-model")
     args = p.parse_args(argv)
 
     if sum(x is not None for x in (args.mnist_npz, args.dataset_name, args.train_data_dir)) > 1:
