@@ -417,23 +417,39 @@ class NonFiniteGuard:
         return skipped
 
 
+def per_process_batches(accelerator, loader) -> int:
+    """How many batches each process gets of ``loader`` once ``accelerator.prepare`` shards it (Accelerate's
+    ``BatchSamplerShard``: whole rounds of ``num_processes`` batches, the last round dropped with ``drop_last`` and
+    otherwise completed from the start). Known before ``prepare``, so that the LR schedule can be built first and
+    prepared in the same call as the model and the loader, which DeepSpeed needs (its batch size is read there)."""
+    batches, n = len(loader), accelerator.num_processes
+    if n == 1 or accelerator.split_batches:
+        return batches
+    return batches // n if loader.drop_last else math.ceil(batches / n)
+
+
 @dataclasses.dataclass
 class TrainingLength:
     """
-    How long a run is, in optimiser updates counted on one process: ``updates_per_epoch`` comes from the length of
-    the *prepared* (sharded) data loader, so N processes make the updates ``--max_train_steps`` asks for (counting
-    the loader before ``accelerator.prepare`` would give each process an epoch N times too long on paper, and the
-    run would stop after 1/N of the asked updates). ``--num_epochs`` counts when ``--max_train_steps`` is not given.
+    How long a run is, in optimiser updates counted on one process: ``updates_per_epoch`` from the batches one
+    process sees of an epoch (``per_process_batches``), so N processes make the updates ``--max_train_steps`` asks
+    for (counting the unsharded loader would make each process's epoch N times too long on paper, and the run would
+    stop after 1/N of the asked updates). ``--num_epochs`` counts when ``--max_train_steps`` is not given.
     """
 
     updates_per_epoch: int
     max_train_steps: int
 
     @classmethod
-    def of(cls, prepared_loader, args) -> TrainingLength:
-        updates_per_epoch = math.ceil(len(prepared_loader) / getattr(args, "gradient_accumulation_steps", 1))
+    def of(cls, accelerator, loader, args) -> TrainingLength:
+        """From the loader *before* ``accelerator.prepare``."""
+        batches = per_process_batches(accelerator, loader)
+        updates_per_epoch = math.ceil(batches / getattr(args, "gradient_accumulation_steps", 1))
         if updates_per_epoch == 0:
-            raise ValueError(f"the data loader yields no batch of --train_batch_size {args.train_batch_size}")
+            raise ValueError(
+                f"the data set holds fewer examples than one global batch (--train_batch_size {args.train_batch_size}"
+                f" x {accelerator.num_processes} processes)"
+            )
         return cls(updates_per_epoch, args.max_train_steps or args.num_epochs * updates_per_epoch)
 
     @property
@@ -459,9 +475,11 @@ def guarded_update(
     accumulation): fold the loss into the all-rank ``guard``, backward (every rank joins the gradient all-reduce, a
     non-finite one too), and at the micro-batch that ends an update clip to ``max_grad_norm`` (0: no clipping; the
     norm is checked too), step the optimizer unless the guard saw NaN or inf on any rank, step ``lr_scheduler`` and
-    zero the gradients. With fp16 the grad scaler's own ``step`` skips a non-finite update and lowers its scale, so
-    the optimizer is always called there (not calling it would keep the scale, and the skips, forever).
-    The caller still closes the update with ``guard.end_update(step)``.
+    zero the gradients. The caller closes the update with ``guard.end_update(step)``.
+
+    With fp16 a flagged update backs the grad scaler off as its own step would on an overflow (the scale times the
+    backoff factor, and the per-optimizer state of ``unscale_`` cleared for the next update) without stepping: so
+    the optimizer never moves on a flagged update, in any precision, and the LR schedule moves on alike.
     """
     guard.check(loss)
     accelerator.backward(loss)
@@ -469,8 +487,11 @@ def guarded_update(
         return
     if max_grad_norm > 0:
         guard.check(accelerator.clip_grad_norm_(parameters, max_grad_norm))
-    if guard.ok or accelerator.scaler is not None:
+    if guard.ok:
         optimizer.step()
+    elif accelerator.scaler is not None:
+        scaler = accelerator.scaler
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
     if lr_scheduler is not None:
         lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)

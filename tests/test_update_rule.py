@@ -1,12 +1,20 @@
 """The update rule all four training scripts share (``guarded_update``) and where a resumed run picks the data up
 (``resumed_epochs``), on a one-process Accelerator and a stand-in for an fp16 one."""
 
+import types
+
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from hfgen.training_utils import NonFiniteGuard, TrainingLength, guarded_update, resumed_epochs
+from hfgen.training_utils import (
+    NonFiniteGuard,
+    TrainingLength,
+    guarded_update,
+    per_process_batches,
+    resumed_epochs,
+)
 
 
 @pytest.fixture
@@ -59,39 +67,65 @@ def test_an_infinite_gradient_norm_skips_the_step(accelerator):
 
 
 class ScalerAccelerator:
-    """Stands in for an fp16 Accelerator: it has a grad scaler, whose step skips a non-finite update by itself."""
+    """Stands in for an fp16 Accelerator: a real grad scaler (on the CPU), one process."""
 
-    scaler = object()
     sync_gradients = True
     device = torch.device("cpu")
 
+    def __init__(self, optimizer):
+        self.scaler, self.optimizer = torch.amp.GradScaler("cpu", init_scale=1024.0), optimizer
+
     def backward(self, loss):
-        loss.backward()
+        self.scaler.scale(loss).backward()
 
     def gather(self, x):
         return x
 
     def clip_grad_norm_(self, parameters, max_norm):
+        self.scaler.unscale_(self.optimizer)  # as Accelerate does; a second unscale_ before update() raises
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
 
 class CountingOptimizer(torch.optim.SGD):
-    calls = 0
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.calls = 0
 
     def step(self, closure=None):
-        CountingOptimizer.calls += 1  # the scaler's step, which checks the gradients itself
+        self.calls += 1
+        return super().step(closure)
 
 
-def test_with_a_grad_scaler_the_optimizer_is_always_called(accelerator):  # (the real one: for the guard's logging)
-    """Not calling the scaler's step on a non-finite update would never lower the loss scale: every later fp16
-    update would overflow and be skipped too."""
+def test_with_a_grad_scaler_a_flagged_update_backs_the_scale_off_and_moves_nothing(accelerator):
+    """fp16: the optimizer must not move on a flagged update (in the GAN a NaN discriminator loss flags the
+    generator's finite update too), and the scale must still come down as the scaler's own step would lower it,
+    or every later update would overflow as well. (The real Accelerator fixture is there for the guard's logging.)"""
     model = torch.nn.Linear(3, 2)
     optimizer = CountingOptimizer(model.parameters(), lr=0.1)
-    fp16 = ScalerAccelerator()
+    fp16 = ScalerAccelerator(optimizer)
     guard = NonFiniteGuard(fp16, max_skips=5)
+    before = model.weight.detach().clone()
     guarded_update(fp16, guard, loss_of(model, float("nan")), optimizer, model.parameters(), 1.0)
-    assert CountingOptimizer.calls == 1
-    assert guard.end_update(1)  # still counted as a skipped update
+    assert optimizer.calls == 0 and guard.end_update(1)
+    torch.testing.assert_close(model.weight.detach(), before, rtol=0, atol=0)
+    assert fp16.scaler.get_scale() == 512.0  # backed off once
+    guarded_update(fp16, guard, loss_of(model), optimizer, model.parameters(), 1.0)  # the next update is normal
+    assert optimizer.calls == 1 and not guard.end_update(2)  # (unscale_ again: the backoff cleared its state)
+
+
+@pytest.mark.parametrize("num_processes", [2, 3])
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize("num_examples", [9, 10, 12])
+def test_per_process_batches_is_the_length_of_the_sharded_loader(num_processes, drop_last, num_examples):
+    """Counted before ``accelerator.prepare``; the same number as Accelerate's shard of the loader has."""
+    from accelerate.data_loader import prepare_data_loader
+
+    loader = torch.utils.data.DataLoader(list(range(num_examples)), batch_size=2, shuffle=True, drop_last=drop_last)
+    sharded = [
+        len(prepare_data_loader(loader, num_processes=num_processes, process_index=r)) for r in range(num_processes)
+    ]
+    stub = types.SimpleNamespace(num_processes=num_processes, split_batches=False)
+    assert sharded == [per_process_batches(stub, loader)] * num_processes
 
 
 class Loader:

@@ -238,10 +238,9 @@ def main(args: argparse.Namespace) -> dict:
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
     )
-    loader = accelerator.prepare(loader)  # sharded first: an epoch is what one process sees of it
-    length = TrainingLength.of(loader, args)
+    length = TrainingLength.of(accelerator, loader, args)
     lr_scheduler = length.lr_scheduler(args, optimizer, accelerator.num_processes)
-    model, optimizer, lr_scheduler = accelerator.prepare(EncodeDecode(vae), optimizer, lr_scheduler)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(EncodeDecode(vae), optimizer, loader, lr_scheduler)
     if ema is not None:
         attach_ema(accelerator, ema)  # on the device, saved in the checkpoints as safetensors
     if accelerator.is_main_process and args.report_to != "none":

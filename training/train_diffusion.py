@@ -811,12 +811,16 @@ class Trainer:
         return list(self.denoiser.parameters()) + (list(self.ema.shadow_params) if self.ema else [])
 
 
-def prepare_trainer(args, accelerator, inputs: TrainingInputs) -> Trainer:
+def check_backend(args, accelerator) -> None:
+    """Before any work: LAMB needs whole weight tensors; ``--allow_tf32`` applies from the VAE encoding on."""
     if args.optimizer == "lamb" and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError("--optimizer lamb needs whole weight tensors on every rank (DDP or one process), not shards")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def prepare_trainer(args, accelerator, inputs: TrainingInputs) -> Trainer:
     model = build_model(args, inputs.in_channels, inputs.sample_size, inputs.num_classes, inputs.text_dim)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -824,10 +828,10 @@ def prepare_trainer(args, accelerator, inputs: TrainingInputs) -> Trainer:
         model = model.to(memory_format=torch.channels_last)  # before the optimiser and EMA copy the parameters
     optimizer = make_optimizer(model, args)
     ema = make_ema(args, model, accelerator)
-    dataloader = accelerator.prepare(make_dataloader(args, inputs.examples))  # sharded: one process's epoch
-    length = TrainingLength.of(dataloader, args)
+    dataloader = make_dataloader(args, inputs.examples)
+    length = TrainingLength.of(accelerator, dataloader, args)
     lr_scheduler = length.lr_scheduler(args, optimizer, accelerator.num_processes)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     if args.compile:
         model = compile_model(accelerator, model, args.compile_mode)
     denoiser = accelerator.unwrap_model(model, keep_torch_compile=False)  # no _orig_mod. names in the weights
@@ -995,6 +999,7 @@ def save_outputs(args, trainer: Trainer, inputs: TrainingInputs, device, global_
 
 def main(args: argparse.Namespace) -> None:
     accelerator = make_accelerator(args, seedable_sampler=False)  # the data order is EpochSampler's
+    check_backend(args, accelerator)
     inputs = prepare_inputs(args, accelerator.device)
     check_global_batch(args, len(inputs.examples), accelerator.num_processes)
     trainer = prepare_trainer(args, accelerator, inputs)

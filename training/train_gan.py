@@ -303,10 +303,9 @@ def main(args: argparse.Namespace) -> dict:
     betas = (args.adam_beta1, args.adam_beta2)
     g_opt = fused_adam(G.parameters(), decoupled_weight_decay=False, lr=args.g_lr, betas=betas)
     d_opt = fused_adam(D.parameters(), decoupled_weight_decay=False, lr=args.d_lr, betas=betas)
-    loader = accelerator.prepare(loader)  # sharded first: an epoch is what one process sees of it
-    length = TrainingLength.of(loader, args)
+    length = TrainingLength.of(accelerator, loader, args)
     g_sched, d_sched = (length.lr_scheduler(args, opt, accelerator.num_processes) for opt in (g_opt, d_opt))
-    G, D, g_opt, d_opt, g_sched, d_sched = accelerator.prepare(G, D, g_opt, d_opt, g_sched, d_sched)
+    G, D, g_opt, d_opt, loader, g_sched, d_sched = accelerator.prepare(G, D, g_opt, d_opt, loader, g_sched, d_sched)
     if ema is not None:
         attach_ema(accelerator, ema)  # on the device, saved in the checkpoints as safetensors
     if accelerator.is_main_process and args.report_to != "none":
