@@ -46,7 +46,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from hfgen.data import load_image_dataset, load_mnist_npz, make_shapes_dataset
+from hfgen.data import image_transform, load_image_dataset, load_mnist_npz, make_shapes_dataset
 from hfgen.loading import load_ema_state, save_ema_state
 
 logger = get_logger(__name__)
@@ -613,6 +613,36 @@ def attach_ema(accelerator, ema) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_image_data_args(p, label_help: str) -> None:
+    """The image-data flags of train_autoencoder.py and train_gan.py, read by ``image_train_set`` (train_diffusion.py
+    and train_clip.py have conditioning-specific ones of their own)."""
+    g = p.add_argument_group("data")
+    g.add_argument("--mnist_npz", default=None, help="train on the first 8000 digits of this npz (1 channel)")
+    g.add_argument("--dataset_name", default=None, help="a Hub data set; default: the built-in shapes")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None, help="a local imagefolder")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--caption_column", default=None, help="unused (accepted for a common command line)")
+    g.add_argument("--label_column", default=None, help=label_help)
+    g.add_argument("--num_shapes", type=int, default=4096, help="size of the built-in shapes training set")
+    g.add_argument("--resolution", type=int, default=32)
+    g.add_argument("--channels", type=int, default=None, choices=[1, 3], help="default: 1 for MNIST, else 3")
+    g.add_argument("--center_crop", action="store_true")
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--cache_dir", default=None)
+
+
+def image_train_set(args, label_column: str | None = None):
+    """The training images of ``add_image_data_args``'s flags as a ``datasets.Dataset`` (``image``, and ``label``
+    when ``label_column`` is given), and the transform to (C, H, W) in [-1, 1]; MNIST's 28x28 digits are framed to
+    the resolution by black borders, not resized."""
+    dataset = load_train_dataset(args, args.num_shapes, label_column=label_column)
+    pad = bool(args.mnist_npz) and args.resolution >= 28
+    transform = image_transform(args.resolution, args.channels, args.center_crop, args.random_flip, pad=pad)
+    return dataset, transform
 
 
 def load_train_dataset(

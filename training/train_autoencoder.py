@@ -35,19 +35,19 @@ from hfgen.autoencoder import (
     VAEModel,
     reconstruction_loss,
 )
-from hfgen.data import image_transform
 from hfgen.pipelines import HFGenVAEPipeline
 from hfgen.training_utils import (
     GlobalBatchDraws,
     NonFiniteGuard,
     TrainingLength,
+    add_image_data_args,
     add_run_args,
     attach_ema,
     check_resume_arg,
     fused_adam,
     guarded_update,
+    image_train_set,
     load_checkpoint,
-    load_train_dataset,
     log_image_grid,
     make_accelerator,
     resumed_epochs,
@@ -75,20 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kl_warmup_steps", type=int, default=0, help="beta grows linearly from 0 over these steps")
     p.add_argument("--num_scaling_images", type=int, default=1024, help="images for the scaling_factor estimate")
     # data
-    p.add_argument("--mnist_npz", default=None, help="train on the first 8000 digits of this npz (1 channel)")
-    p.add_argument("--dataset_name", default=None, help="a Hub data set; default: the built-in shapes")
-    p.add_argument("--dataset_config_name", default=None)
-    p.add_argument("--train_data_dir", default=None, help="a local imagefolder")
-    p.add_argument("--image_column", default="image")
-    p.add_argument("--caption_column", default=None, help="unused (accepted for a common command line)")
-    p.add_argument("--label_column", default=None, help="unused (accepted for a common command line)")
-    p.add_argument("--num_shapes", type=int, default=4096, help="size of the built-in shapes training set")
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--channels", type=int, default=None, choices=[1, 3], help="default: 1 for MNIST, else 3")
-    p.add_argument("--center_crop", action="store_true")
-    p.add_argument("--random_flip", action="store_true")
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
-    p.add_argument("--cache_dir", default=None)
+    add_image_data_args(p, label_help="unused (accepted for a common command line)")
     # optimisation
     p.add_argument("--train_batch_size", type=int, default=64)
     p.add_argument("--num_epochs", type=int, default=20)
@@ -132,14 +119,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def load_train_set(args):
-    """The training images as a ``datasets.Dataset`` with an ``image`` column, and the transform to [-1, 1]."""
-    dataset = load_train_dataset(args, args.num_shapes)
-    pad = bool(args.mnist_npz) and args.resolution >= 28  # MNIST 28 -> 32 by black borders, not by resizing
-    transform = image_transform(args.resolution, args.channels, args.center_crop, args.random_flip, pad=pad)
-    return dataset, transform
 
 
 def kl_beta(args, step: int) -> float:
@@ -209,7 +188,7 @@ def main(args: argparse.Namespace) -> dict:
     accelerator = make_accelerator(args)  # data order = f(seed, epoch)
 
     # 1. data
-    dataset, transform = load_train_set(args)
+    dataset, transform = image_train_set(args)
     fixed_images = torch.stack([transform(dataset[i]["image"]) for i in range(min(len(dataset), 8))])  # for grids
     dataset.set_transform(lambda ex: {"pixel_values": [transform(im) for im in ex["image"]]})
     loader = torch.utils.data.DataLoader(

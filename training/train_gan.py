@@ -41,21 +41,21 @@ from accelerate.logging import get_logger
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from hfgen.data import image_transform
 from hfgen.gan import CLASS_CONDITIONINGS, GAN_PRESETS, GANDiscriminator, GANGenerator
 from hfgen.pipelines import HFGenGANPipeline
 from hfgen.training_utils import (
     GlobalBatchDraws,
     NonFiniteGuard,
     TrainingLength,
+    add_image_data_args,
     add_run_args,
     attach_ema,
     check_resume_arg,
     convert_sync_batchnorm,
     fused_adam,
     guarded_update,
+    image_train_set,
     load_checkpoint,
-    load_train_dataset,
     log_image_grid,
     make_accelerator,
     plain_batchnorm,
@@ -85,20 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--r1_gamma", type=float, default=0.1, help="R1 weight; 0 turns it off")
     p.add_argument("--r1_every", type=int, default=16, help="lazy R1: apply (scaled up) every N steps")
     # data
-    p.add_argument("--mnist_npz", default=None, help="train on the first 8000 digits of this npz (1 channel)")
-    p.add_argument("--dataset_name", default=None, help="a Hub data set; default: the built-in shapes")
-    p.add_argument("--dataset_config_name", default=None)
-    p.add_argument("--train_data_dir", default=None, help="a local imagefolder")
-    p.add_argument("--image_column", default="image")
-    p.add_argument("--caption_column", default=None, help="unused (accepted for a common command line)")
-    p.add_argument("--label_column", default=None, help="labels of a custom data set for --class_conditional")
-    p.add_argument("--num_shapes", type=int, default=4096, help="size of the built-in shapes training set")
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--channels", type=int, default=None, choices=[1, 3], help="default: 1 for MNIST, else 3")
-    p.add_argument("--center_crop", action="store_true")
-    p.add_argument("--random_flip", action="store_true")
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
-    p.add_argument("--cache_dir", default=None)
+    add_image_data_args(p, label_help="labels of a custom data set for --class_conditional")
     # optimisation
     p.add_argument("--train_batch_size", type=int, default=64)
     p.add_argument("--num_epochs", type=int, default=20)
@@ -185,14 +172,6 @@ def r1_penalty(discriminator, real: torch.Tensor, class_labels: torch.Tensor | N
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def load_train_set(args):
-    """The training images (``image`` and, for conditional training, ``label`` columns) and the transform."""
-    dataset = load_train_dataset(args, args.num_shapes, label_column=args.label_column)
-    pad = bool(args.mnist_npz) and args.resolution >= 28  # MNIST 28 -> 32 by black borders, not by resizing
-    transform = image_transform(args.resolution, args.channels, args.center_crop, args.random_flip, pad=pad)
-    return dataset, transform
 
 
 def num_labels(dataset) -> int:
@@ -291,7 +270,7 @@ def main(args: argparse.Namespace) -> dict:
     accelerator = make_accelerator(args)  # data order = f(seed, epoch)
 
     # 1. data: (B, C, H, W) in [-1, 1] and labels (B,)
-    dataset, transform = load_train_set(args)
+    dataset, transform = image_train_set(args, label_column=args.label_column)
     num_classes = num_labels(dataset) if args.class_conditional else None
     loader = make_loader(args, dataset, transform)
 
