@@ -447,8 +447,8 @@ class TrainingLength:
         updates_per_epoch = math.ceil(batches / getattr(args, "gradient_accumulation_steps", 1))
         if updates_per_epoch == 0:
             raise ValueError(
-                f"the data set holds fewer examples than one global batch (--train_batch_size {args.train_batch_size}"
-                f" x {accelerator.num_processes} processes)"
+                f"the data set has {len(loader.dataset)} examples, fewer than one global batch "
+                f"(--train_batch_size {args.train_batch_size} x {accelerator.num_processes} processes)"
             )
         return cls(updates_per_epoch, args.max_train_steps or args.num_epochs * updates_per_epoch)
 
@@ -465,6 +465,11 @@ class TrainingLength:
             num_warmup_steps=args.lr_warmup_steps * num_processes,
             num_training_steps=self.max_train_steps * num_processes,
         )
+
+
+def checkpoint_weights(*modules: torch.nn.Module, ema=None) -> list[torch.Tensor]:
+    """What ``save_checkpoint`` must find finite: the parameters of ``modules`` and the EMA's shadow copies."""
+    return [p for m in modules for p in m.parameters()] + (list(ema.shadow_params) if ema is not None else [])
 
 
 def guarded_update(

@@ -156,3 +156,11 @@ def test_resumed_epochs_start_where_the_checkpoint_stopped(step, accumulation, f
     assert epoch_loader == (("skipped", skip) if skip else loader)
     assert [e for e, _, _ in got] == loader.epochs == list(range(first[0], 3))
     assert all(s == 0 and lo is loader for _, s, lo in got[1:])  # later epochs are whole
+
+
+def test_a_data_set_smaller_than_the_global_batch_is_refused_by_name():
+    loader = torch.utils.data.DataLoader(list(range(6)), batch_size=4, drop_last=True)  # 1 batch: none for rank 2
+    stub = types.SimpleNamespace(num_processes=2, split_batches=False)
+    args = types.SimpleNamespace(train_batch_size=4, gradient_accumulation_steps=1, max_train_steps=None, num_epochs=1)
+    with pytest.raises(ValueError, match=r"6 examples, fewer than one global batch \(--train_batch_size 4 x 2"):
+        TrainingLength.of(stub, loader, args)

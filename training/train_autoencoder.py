@@ -44,6 +44,7 @@ from hfgen.training_utils import (
     add_run_args,
     attach_ema,
     check_resume_arg,
+    checkpoint_weights,
     fused_adam,
     guarded_update,
     image_train_set,
@@ -266,7 +267,7 @@ def main(args: argparse.Namespace) -> dict:
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                weights = list(unwrapped.parameters()) + (list(ema.shadow_params) if ema else [])
+                weights = checkpoint_weights(unwrapped, ema=ema)
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, weights,
                                 script_state=guard.script_state())  # fmt: skip
             if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:

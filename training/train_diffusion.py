@@ -57,6 +57,7 @@ from hfgen.training_utils import (
     add_run_args,
     all_finite,
     attach_ema,
+    checkpoint_weights,
     fused_adam,
     guarded_update,
     lamb_param_groups,
@@ -757,14 +758,6 @@ def make_dataloader(args, examples: TrainExamples) -> torch.utils.data.DataLoade
     )
 
 
-def check_global_batch(args, num_examples: int, num_processes: int) -> None:
-    if num_examples < args.train_batch_size * num_processes:
-        raise ValueError(
-            f"the data set has {num_examples} examples, fewer than one global batch "
-            f"(--train_batch_size {args.train_batch_size} x {num_processes} processes)"
-        )
-
-
 def make_noise_scheduler(args) -> DDPMScheduler:
     """Diffusion's forward process; flow matching only reads num_train_timesteps from args."""
     return DDPMScheduler(
@@ -808,7 +801,7 @@ class Trainer:
 
     def weights(self) -> list[torch.Tensor]:
         """Every tensor a checkpoint must hold finite: the weights and the EMA's shadow copies."""
-        return list(self.denoiser.parameters()) + (list(self.ema.shadow_params) if self.ema else [])
+        return checkpoint_weights(self.denoiser, ema=self.ema)
 
 
 def check_backend(args, accelerator) -> None:
@@ -1001,7 +994,6 @@ def main(args: argparse.Namespace) -> None:
     accelerator = make_accelerator(args, seedable_sampler=False)  # the data order is EpochSampler's
     check_backend(args, accelerator)
     inputs = prepare_inputs(args, accelerator.device)
-    check_global_batch(args, len(inputs.examples), accelerator.num_processes)
     trainer = prepare_trainer(args, accelerator, inputs)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if inputs.vae is not None:

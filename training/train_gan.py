@@ -51,6 +51,7 @@ from hfgen.training_utils import (
     add_run_args,
     attach_ema,
     check_resume_arg,
+    checkpoint_weights,
     convert_sync_batchnorm,
     fused_adam,
     guarded_update,
@@ -345,7 +346,7 @@ def main(args: argparse.Namespace) -> dict:
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                weights = [*G_unwrapped.parameters(), *D.parameters(), *(ema.shadow_params if ema else [])]
+                weights = checkpoint_weights(G_unwrapped, D, ema=ema)
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, weights,
                                 script_state=guard.script_state())  # fmt: skip
             if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
