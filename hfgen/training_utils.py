@@ -13,8 +13,12 @@
   sharded loader, and the LR schedule over them), ``gather_with_grad`` (CLIP's global-batch contrast) and
   ``convert_sync_batchnorm`` (GAN ``--sync_batchnorm``, also on CPU / gloo).
 - The run: ``add_run_args``, the run flags of every script, and ``make_accelerator``, the Accelerator, logging,
-  seed and output folder they give.
-- Trackers: ``--report_to`` takes Accelerate's trackers; ``log_image_grid`` sends sample grids to each active one.
+  seed and output folder they give; ``UpdateLoop``, the loop of every script (batches from the resumed position to
+  ``--max_train_steps`` updates, the update count and its progress bar); ``checkpoint_if_due`` at every
+  ``--checkpointing_steps``.
+- Trackers and the Hub: ``--report_to`` takes Accelerate's trackers, ``start_trackers`` hands them the run's flags;
+  ``log_image_grid`` sends sample grids to each active one; ``hub_training_info`` is what a model card shows of the
+  flags.
 - EMA: a diffusers ``EMAModel`` travels in the checkpoint as safetensors (``hfgen.loading.save_ema_state``) through
   Accelerate's save / load pre-hooks.
 - Data: the training set from ``--mnist_npz``, ``--dataset_name`` (Hub), ``--train_data_dir`` (imagefolder) or the
@@ -45,6 +49,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
+from tqdm.auto import tqdm
 
 from hfgen.data import image_transform, load_image_dataset, load_mnist_npz, make_shapes_dataset
 from hfgen.loading import load_ema_state, save_ema_state
@@ -502,6 +507,22 @@ def guarded_update(
     optimizer.zero_grad(set_to_none=True)
 
 
+def checkpoint_if_due(accelerator, args, global_step: int, guard: NonFiniteGuard, weights) -> None:
+    """At every ``--checkpointing_steps``-th update (0: never) ``save_checkpoint`` into ``--output_dir``, keeping
+    ``--checkpoints_total_limit``; ``weights()`` (``checkpoint_weights``) lists what must be finite to be saved, and
+    the guard's count travels in the checkpoint."""
+    if not args.checkpointing_steps or global_step % args.checkpointing_steps:
+        return
+    save_checkpoint(
+        accelerator,
+        args.output_dir,
+        global_step,
+        args.checkpoints_total_limit,
+        weights(),
+        script_state=guard.script_state(),
+    )
+
+
 def resumed_epochs(accelerator, loader, global_step: int, length: TrainingLength, accumulation: int = 1):
     """
     Yield (epoch, index of its first batch, its loader) from the epoch that holds ``global_step`` on, each epoch's
@@ -517,6 +538,60 @@ def resumed_epochs(accelerator, loader, global_step: int, length: TrainingLength
             yield epoch, skip, accelerator.skip_first_batches(loader, skip)
         else:
             yield epoch, 0, loader
+
+
+class UpdateLoop:
+    """
+    The loop of every script: the batches from where a resumed run left off (``resumed_epochs``) until
+    ``length.max_train_steps`` updates are made, with the update count and its progress bar. After each batch's
+    update (inside ``accelerator.accumulate`` where there is accumulation) ``loop.updated()`` says whether the batch
+    ended an update, and counts it; after the last update the loop stops without drawing another batch.
+
+        loop = UpdateLoop(accelerator, loader, length, global_step, args.gradient_accumulation_steps)
+        for epoch, index, batch in loop:       # index: the batch's place in its epoch (a resumed epoch skips some)
+            with accelerator.accumulate(model):
+                guarded_update(...)
+            if not loop.updated():
+                continue                        # a micro-batch of an accumulated update
+            ... loop.global_step ...            # EMA, logs, checkpoint_if_due
+    """
+
+    def __init__(self, accelerator, loader, length: TrainingLength, global_step: int, accumulation: int = 1):
+        self.accelerator, self.loader, self.length, self.accumulation = accelerator, loader, length, accumulation
+        self.global_step = global_step
+        self.progress = tqdm(
+            range(length.max_train_steps),
+            initial=global_step,
+            desc="steps",
+            disable=not accelerator.is_local_main_process,
+        )
+
+    @property
+    def done(self) -> bool:
+        return self.global_step >= self.length.max_train_steps
+
+    def __iter__(self):
+        epochs = resumed_epochs(self.accelerator, self.loader, self.global_step, self.length, self.accumulation)
+        for epoch, skip, epoch_loader in epochs:
+            batches = enumerate(epoch_loader, start=skip)
+            while not self.done and (item := next(batches, None)) is not None:
+                yield epoch, *item
+            if self.done:
+                break
+        self.progress.close()
+
+    def updated(self) -> bool:
+        """True (and one more update counted) when the last batch ended an update."""
+        if not self.accelerator.sync_gradients:
+            return False
+        self.global_step += 1
+        self.progress.update(1)
+        return True
+
+    def show(self, logs: dict) -> None:
+        """Put ``logs`` on the progress bar and send them to the trackers at the current update."""
+        self.progress.set_postfix(**logs)
+        self.accelerator.log(logs, step=self.global_step)
 
 
 def gather_with_grad(accelerator, x: torch.Tensor) -> torch.Tensor:
@@ -762,9 +837,33 @@ REPORT_TO_CHOICES = (
 )
 
 
+SECRET_ARGS = ("hub_token",)  # flags never written to a tracker or a model card
+
+
 def tracker_arg(report_to: str) -> str | None:
     """``--report_to`` as ``Accelerator(log_with=...)`` takes it ("none" -> None)."""
     return None if report_to == "none" else report_to
+
+
+def start_trackers(accelerator, args, project: str) -> None:
+    """Start ``--report_to``'s trackers on the main process with the run's flags as their config: scalars as they
+    are, lists and other values as text (TensorBoard's hparams take scalars only), unset flags and ``hub_token``
+    left out."""
+    if not accelerator.is_main_process or args.report_to == "none":
+        return
+    config = {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in vars(args).items()
+        if v is not None and k not in SECRET_ARGS
+    }
+    accelerator.init_trackers(project, config=config)
+
+
+def hub_training_info(args, **extra) -> dict:
+    """The run's flags for the model card of a Hub upload (``training_info``), without secrets, local paths and the
+    upload flags themselves, plus ``extra`` (e.g. the steps made)."""
+    skip = SECRET_ARGS + ("push_to_hub", "hub_model_id", "output_dir", "logging_dir")
+    return {**{k: v for k, v in vars(args).items() if v is not None and k not in skip}, **extra}
 
 
 def log_image_grid(accelerator, tag: str, grid: PIL.Image.Image, step: int) -> None:

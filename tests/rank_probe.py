@@ -17,6 +17,8 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from hfgen import training_utils
+
 # the function whose output becomes NaN on one rank: the loss of each script
 LOSS_FUNCTION = {
     "train_diffusion": "objective_loss",
@@ -41,14 +43,14 @@ def main() -> None:
     name, argv = sys.argv[1], sys.argv[2:]
     script = importlib.import_module(f"hfgen.training.{name}")
 
-    save_checkpoint = script.save_checkpoint
+    save_checkpoint = training_utils.save_checkpoint  # what every script's checkpoint_if_due calls
 
     def save_checkpoint_and_rank_weights(accelerator, output_dir, step, *args, **kwargs):
         path = os.path.join(output_dir, f"rank-{accelerator.process_index}-step-{step}.safetensors")
         save_file(rank_weights(accelerator), path)
         return save_checkpoint(accelerator, output_dir, step, *args, **kwargs)
 
-    script.save_checkpoint = save_checkpoint_and_rank_weights
+    training_utils.save_checkpoint = save_checkpoint_and_rank_weights
 
     if os.environ.get("HFGEN_PROBE_NAN"):
         from accelerate import PartialState

@@ -249,6 +249,14 @@ def test_report_to_takes_accelerates_trackers(tmp_path, name, capsys):
     assert "--report_to" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", sorted(ALL_SCRIPTS))
+def test_every_script_takes_num_shapes(tmp_path, name):
+    """One flag for the size of the built-in shapes set in all four scripts (train_diffusion.py also keeps its
+    older --shapes_num_images)."""
+    args = ALL_SCRIPTS[name].module.parse_args(["--num_shapes", "7", "--output_dir", str(tmp_path)])
+    assert getattr(args, "shapes_num_images", getattr(args, "num_shapes", None)) == 7
+
+
 def test_sample_grids_reach_every_active_tracker():
     """TensorBoard gets ``add_image`` (HWC); any other tracker its own ``log_images`` (wandb turns them into
     ``wandb.Image``)."""

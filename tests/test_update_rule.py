@@ -1,5 +1,6 @@
-"""The update rule all four training scripts share (``guarded_update``) and where a resumed run picks the data up
-(``resumed_epochs``), on a one-process Accelerator and a stand-in for an fp16 one."""
+"""The update rule all four training scripts share (``guarded_update``), where a resumed run picks the data up
+(``resumed_epochs``), the loop around them (``UpdateLoop``), when they checkpoint and what they hand to trackers and
+model cards, on a one-process Accelerator and a stand-in for an fp16 one."""
 
 import types
 
@@ -11,9 +12,13 @@ from accelerate.state import AcceleratorState
 from hfgen.training_utils import (
     NonFiniteGuard,
     TrainingLength,
+    UpdateLoop,
+    checkpoint_if_due,
     guarded_update,
+    hub_training_info,
     per_process_batches,
     resumed_epochs,
+    start_trackers,
 )
 
 
@@ -164,3 +169,80 @@ def test_a_data_set_smaller_than_the_global_batch_is_refused_by_name():
     args = types.SimpleNamespace(train_batch_size=4, gradient_accumulation_steps=1, max_train_steps=None, num_epochs=1)
     with pytest.raises(ValueError, match=r"6 examples, fewer than one global batch \(--train_batch_size 4 x 2"):
         TrainingLength.of(stub, loader, args)
+
+
+def run_loop(accumulation: int, start: int, max_steps: int) -> tuple[list, int, int]:
+    """An ``UpdateLoop`` over 10 one-example batches (10 / accumulation updates per epoch), each batch through
+    ``accelerator.accumulate`` as the scripts do; returns the (epoch, index, value) drawn, the final step and the
+    number of updates counted."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    model = accelerator.prepare(torch.nn.Linear(1, 1))
+    loader = torch.utils.data.DataLoader(torch.arange(10.0), batch_size=1, shuffle=False)
+    length = TrainingLength(10 // accumulation, max_steps)
+    loop = UpdateLoop(accelerator, accelerator.prepare(loader), length, start, accumulation)
+    drawn, updates = [], 0
+    for epoch, index, batch in loop:
+        with accelerator.accumulate(model):
+            drawn.append((epoch, index, int(batch.item())))
+        updates += loop.updated()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return drawn, loop.global_step, updates
+
+
+def test_the_update_loop_makes_the_asked_updates_and_draws_no_batch_after_the_last():
+    drawn, step, updates = run_loop(accumulation=2, start=0, max_steps=7)  # 5 updates per epoch
+    assert (step, updates) == (7, 7)
+    assert len(drawn) == 14  # 7 updates x 2 micro-batches, not one more
+    assert drawn[:10] == [(0, i, i) for i in range(10)]
+    assert drawn[10:] == [(1, i, i) for i in range(4)]
+
+
+def test_a_resumed_update_loop_draws_what_the_uninterrupted_one_draws_after_the_checkpoint():
+    whole, _, _ = run_loop(accumulation=2, start=0, max_steps=7)
+    resumed, step, updates = run_loop(accumulation=2, start=3, max_steps=7)
+    assert (step, updates) == (7, 4)
+    assert resumed == whole[6:]  # 3 updates x 2 batches already trained on
+
+
+def test_an_update_loop_resumed_at_its_end_draws_nothing():
+    drawn, step, updates = run_loop(accumulation=1, start=7, max_steps=7)
+    assert (drawn, step, updates) == ([], 7, 0)
+
+
+def test_checkpoints_are_written_at_every_checkpointing_step_only(accelerator, tmp_path):
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    guard = NonFiniteGuard(accelerator, max_skips=5)
+    args = types.SimpleNamespace(checkpointing_steps=2, output_dir=str(tmp_path), checkpoints_total_limit=None)
+    for step in range(1, 6):
+        checkpoint_if_due(accelerator, args, step, guard, lambda: list(model.parameters()))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    args.checkpointing_steps = 0  # never
+    checkpoint_if_due(accelerator, args, 6, guard, lambda: list(model.parameters()))
+    assert not (tmp_path / "checkpoint-6").exists()
+
+
+def test_trackers_get_the_flags_as_scalars_without_secrets(tmp_path):
+    """TensorBoard's hparams refuse a list (ValueError); a list flag reaches the tracker as text, hub_token never."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path))
+    args = types.SimpleNamespace(
+        report_to="tensorboard", learning_rate=1e-3, prompts=["a red square", "a blue circle"], unset=None,
+        hub_token="hf_secret", use_ema=True,
+    )  # fmt: skip
+    seen = {}
+    real_init = accelerator.init_trackers
+    accelerator.init_trackers = lambda project, config: seen.update(config) or real_init(project, config=config)
+    start_trackers(accelerator, args, "test")
+    accelerator.end_training()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert seen == {"report_to": "tensorboard", "learning_rate": 1e-3, "prompts": str(args.prompts), "use_ema": True}
+    assert list(tmp_path.rglob("events.out.tfevents.*"))  # TensorBoard took them
+
+
+def test_the_model_card_gets_the_flags_without_secrets_paths_or_upload_flags():
+    args = types.SimpleNamespace(
+        learning_rate=1e-3, hub_token="hf_secret", output_dir="/home/me/run", logging_dir="logs", push_to_hub=True,
+        hub_model_id="me/model", seed=0, unset=None,
+    )  # fmt: skip
+    assert hub_training_info(args, train_steps=10) == {"learning_rate": 1e-3, "seed": 0, "train_steps": 10}

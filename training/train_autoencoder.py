@@ -18,6 +18,7 @@ latent diffusion sees unit-variance latents. Output folder: an ``HFGenVAEPipelin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -26,7 +27,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from hfgen.autoencoder import (
     AUTOENCODER_PRESETS,
@@ -40,19 +40,21 @@ from hfgen.training_utils import (
     GlobalBatchDraws,
     NonFiniteGuard,
     TrainingLength,
+    UpdateLoop,
     add_image_data_args,
     add_run_args,
     attach_ema,
     check_resume_arg,
+    checkpoint_if_due,
     checkpoint_weights,
     fused_adam,
     guarded_update,
+    hub_training_info,
     image_train_set,
     load_checkpoint,
     log_image_grid,
     make_accelerator,
-    resumed_epochs,
-    save_checkpoint,
+    start_trackers,
     to_pil_grid,
 )
 
@@ -184,117 +186,134 @@ def latent_std(vae, loader, num_images: int, device) -> float:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace) -> dict:
-    """Train, set ``scaling_factor``, save an ``HFGenVAEPipeline`` folder in ``args.output_dir``; return a report."""
-    accelerator = make_accelerator(args)  # data order = f(seed, epoch)
-
-    # 1. data
-    dataset, transform = image_train_set(args)
-    fixed_images = torch.stack([transform(dataset[i]["image"]) for i in range(min(len(dataset), 8))])  # for grids
+def make_loader(args, dataset, transform) -> torch.utils.data.DataLoader:
+    """Batches (B, C, H, W) in [-1, 1] of the training images."""
     dataset.set_transform(lambda ex: {"pixel_values": [transform(im) for im in ex["image"]]})
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
         shuffle=True,
         drop_last=len(dataset) >= args.train_batch_size,
-        collate_fn=lambda rows: torch.stack([r["pixel_values"] for r in rows]),  # (B, C, H, W) in [-1, 1]
+        collate_fn=lambda rows: torch.stack([r["pixel_values"] for r in rows]),
         num_workers=args.dataloader_num_workers,
     )
 
-    # 2. model
+
+def build_autoencoder(args) -> AutoencoderModel:
+    """The ``--model`` (ae | vae) of ``--preset``, with the flags' overrides of its latent channels and levels."""
     kwargs = dict(AUTOENCODER_PRESETS[args.preset])
     if args.latent_channels is not None:
         kwargs["latent_channels"] = args.latent_channels
     if args.block_out_channels is not None:
         kwargs["block_out_channels"] = tuple(args.block_out_channels)
     model_cls = VAEModel if args.model == "vae" else AutoencoderModel
-    vae = model_cls(**kwargs, in_channels=args.channels, out_channels=args.channels, sample_size=args.resolution)
-    ema = EMAModel(vae.parameters(), decay=args.ema_decay) if args.use_ema else None
+    return model_cls(**kwargs, in_channels=args.channels, out_channels=args.channels, sample_size=args.resolution)
 
-    # 3. optimiser
-    optimizer = fused_adam(
-        vae.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-    )
+
+@dataclasses.dataclass
+class Trainer:
+    """What the loop updates, prepared by Accelerate: ``model`` wraps ``EncodeDecode(vae)``; ``vae`` is unwrapped."""
+
+    model: torch.nn.Module
+    vae: AutoencoderModel
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    loader: torch.utils.data.DataLoader
+    length: TrainingLength
+    ema: EMAModel | None
+
+    def weights(self) -> list[torch.Tensor]:
+        return checkpoint_weights(self.vae, ema=self.ema)
+
+
+def prepare_trainer(args, accelerator: Accelerator, vae: AutoencoderModel, loader) -> Trainer:
+    """Optimiser, LR schedule over the sharded run, ``accelerator.prepare`` of all of them with the loader, EMA."""
+    ema = EMAModel(vae.parameters(), decay=args.ema_decay) if args.use_ema else None
+    betas = (args.adam_beta1, args.adam_beta2)
+    optimizer = fused_adam(vae.parameters(), lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay)
     length = TrainingLength.of(accelerator, loader, args)
     lr_scheduler = length.lr_scheduler(args, optimizer, accelerator.num_processes)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(EncodeDecode(vae), optimizer, loader, lr_scheduler)
     if ema is not None:
         attach_ema(accelerator, ema)  # on the device, saved in the checkpoints as safetensors
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers(
-            "train_autoencoder",
-            config={k: str(v) if isinstance(v, list) else v for k, v in vars(args).items() if v is not None},
-        )
+    return Trainer(model, accelerator.unwrap_model(model).vae, optimizer, lr_scheduler, loader, length, ema)
 
-    # 4. resume
+
+def batch_loss(args, trainer: Trainer, x: torch.Tensor, draws: GlobalBatchDraws, step: int) -> tuple:
+    """Loss of one batch x (B, C, H, W) and its parts for the logs: encode, z ~ q(z|x) with noise of the global
+    batch, decode; reconstruction, plus beta x KL per pixel for the VAE."""
+    vae = trainer.vae
+    latent_shape = (vae.config.latent_channels,) + (args.resolution // vae.downsample_factor,) * 2
+    recon, posterior = trainer.model(x, draws.randn(*latent_shape))  # (B, C, H, W)
+    recon_loss = reconstruction_loss(recon, x, args.recon_loss).mean()
+    if args.model != "vae":
+        return recon_loss, {"recon_loss": recon_loss.detach()}
+    kl = posterior.kl().mean() / x[0].numel()
+    beta = kl_beta(args, step)
+    return recon_loss + beta * kl, {"recon_loss": recon_loss.detach(), "kl": kl.detach(), "beta": beta}
+
+
+def train_loop(args, accelerator: Accelerator, trainer: Trainer, fixed_images: torch.Tensor) -> tuple[int, dict, int]:
+    """Train from the resumed step to ``max_train_steps``; returns (last step, last logs, skipped updates)."""
     global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
-
-    # 5. loop
-    logger.info(f"{len(dataset)} images, {length.max_train_steps} steps of batch {args.train_batch_size}")
-    unwrapped = accelerator.unwrap_model(model).vae
-    fixed_images = fixed_images.to(accelerator.device)
-    latent_shape = (unwrapped.config.latent_channels,) + (args.resolution // unwrapped.downsample_factor,) * 2
-    progress = tqdm(range(length.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
+    loop = UpdateLoop(accelerator, trainer.loader, trainer.length, global_step, args.gradient_accumulation_steps)
     logs = {}
-    epochs = resumed_epochs(accelerator, loader, global_step, length, args.gradient_accumulation_steps)
-    for epoch, skip, epoch_loader in epochs:
-        model.train()
-        for batch_index, x in enumerate(epoch_loader, start=skip):
-            with accelerator.accumulate(model):
-                # encode, draw z ~ q(z|x) with noise of the global batch (keyed by the batch), decode
-                draws = GlobalBatchDraws(accelerator, x.shape[0], args.seed, epoch, batch_index)
-                recon, posterior = model(x, draws.randn(*latent_shape))  # (B, C, H, W)
-                recon_loss = reconstruction_loss(recon, x, args.recon_loss).mean()
-                kl = posterior.kl().mean() / x[0].numel() if args.model == "vae" else torch.zeros((), device=x.device)
-                beta = kl_beta(args, global_step)
-                loss = recon_loss + beta * kl
-                guarded_update(
-                    accelerator, guard, loss, optimizer, model.parameters(), args.max_grad_norm, lr_scheduler
-                )
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            if not guard.end_update(global_step) and ema is not None:
-                ema.step(unwrapped.parameters())
-            progress.update(1)
-            logs = {"loss": loss.item(), "recon_loss": recon_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
-            if args.model == "vae":
-                logs.update(kl=kl.item(), beta=beta)
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                weights = checkpoint_weights(unwrapped, ema=ema)
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, weights,
-                                script_state=guard.script_state())  # fmt: skip
-            if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
-                log_samples(unwrapped, fixed_images, args, accelerator, global_step)
-            if global_step >= length.max_train_steps:
-                break
-        if global_step >= length.max_train_steps:
-            break
+    trainer.model.train()
+    for epoch, batch_index, x in loop:
+        with accelerator.accumulate(trainer.model):
+            draws = GlobalBatchDraws(accelerator, x.shape[0], args.seed, epoch, batch_index)  # keyed by the batch
+            loss, parts = batch_loss(args, trainer, x, draws, loop.global_step)
+            guarded_update(accelerator, guard, loss, trainer.optimizer, trainer.model.parameters(),
+                           args.max_grad_norm, trainer.lr_scheduler)  # fmt: skip
+        if not loop.updated():
+            continue
+        if not guard.end_update(loop.global_step) and trainer.ema is not None:
+            trainer.ema.step(trainer.vae.parameters())
+        logs = {"loss": loss.item(), "lr": trainer.lr_scheduler.get_last_lr()[0]}
+        logs.update({k: float(v) for k, v in parts.items()})
+        loop.show(logs)
+        checkpoint_if_due(accelerator, args, loop.global_step, guard, trainer.weights)
+        if accelerator.is_main_process and args.sample_steps and loop.global_step % args.sample_steps == 0:
+            log_samples(trainer.vae, fixed_images, args, accelerator, loop.global_step)
+    return loop.global_step, logs, guard.skipped
 
-    # 6. EMA weights, scaling_factor = 1 / std(z), save the pipeline folder
+
+def save_outputs(args, accelerator: Accelerator, trainer: Trainer, fixed_images: torch.Tensor, report: dict) -> None:
+    """EMA weights in, ``scaling_factor`` = 1 / std(z), the last sample grids, the pipeline folder, the report and
+    the Hub upload (main process)."""
+    vae = trainer.vae
+    if trainer.ema is not None:
+        trainer.ema.copy_to(vae.parameters())
+    std = latent_std(vae, trainer.loader, args.num_scaling_images, accelerator.device)
+    vae.register_to_config(scaling_factor=1.0 / max(std, 1e-8))
+    report.update(latent_std=std, scaling_factor=vae.config.scaling_factor)
+    log_samples(vae, fixed_images, args, accelerator, report["steps"])
+    pipeline = HFGenVAEPipeline(vae=vae)
+    pipeline.save_pretrained(args.output_dir)
+    Path(args.output_dir, "train_report.json").write_text(json.dumps(report, indent=2))
+    logger.info(f"saved {args.output_dir} (scaling_factor {report['scaling_factor']:.4f})")
+    if args.push_to_hub:
+        pipeline.push_to_hub(args.hub_model_id or Path(args.output_dir).name, training_info=hub_training_info(args))
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train, set ``scaling_factor``, save an ``HFGenVAEPipeline`` folder in ``args.output_dir``; return a report."""
+    accelerator = make_accelerator(args)  # data order = f(seed, epoch)
+    dataset, transform = image_train_set(args)
+    fixed_images = torch.stack([transform(dataset[i]["image"]) for i in range(min(len(dataset), 8))])  # for grids
+    fixed_images = fixed_images.to(accelerator.device)
+    loader = make_loader(args, dataset, transform)
+    trainer = prepare_trainer(args, accelerator, build_autoencoder(args), loader)
+    start_trackers(accelerator, args, "train_autoencoder")
+    logger.info(f"{len(dataset)} images, {trainer.length.max_train_steps} steps of batch {args.train_batch_size}")
+
+    global_step, logs, skipped = train_loop(args, accelerator, trainer, fixed_images)
+
     accelerator.wait_for_everyone()
-    report = {"steps": global_step, "skipped_steps": guard.skipped, **logs}
+    report = {"steps": global_step, "skipped_steps": skipped, **logs}
     if accelerator.is_main_process:
-        if ema is not None:
-            ema.copy_to(unwrapped.parameters())
-        std = latent_std(unwrapped, loader, args.num_scaling_images, accelerator.device)
-        unwrapped.register_to_config(scaling_factor=1.0 / max(std, 1e-8))
-        report["latent_std"] = std
-        report["scaling_factor"] = unwrapped.config.scaling_factor
-        log_samples(unwrapped, fixed_images, args, accelerator, global_step)
-        pipeline = HFGenVAEPipeline(vae=unwrapped)
-        pipeline.save_pretrained(args.output_dir)
-        Path(args.output_dir, "train_report.json").write_text(json.dumps(report, indent=2))
-        logger.info(f"saved {args.output_dir} (scaling_factor {report['scaling_factor']:.4f})")
-        if args.push_to_hub:
-            info = {k: v for k, v in vars(args).items() if v is not None and k not in ("push_to_hub", "hub_model_id")}
-            pipeline.push_to_hub(args.hub_model_id or Path(args.output_dir).name, training_info=info)
+        save_outputs(args, accelerator, trainer, fixed_images, report)
     accelerator.end_training()
     return report
 

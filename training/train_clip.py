@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from hfgen.clip import (
@@ -41,9 +40,11 @@ from hfgen.data import COLORS, SHAPE_PAIRS, SHAPES, make_shapes_dataset
 from hfgen.training_utils import (
     NonFiniteGuard,
     TrainingLength,
+    UpdateLoop,
     add_run_args,
     attach_ema,
     check_resume_arg,
+    checkpoint_if_due,
     checkpoint_weights,
     fused_adam,
     gather_with_grad,
@@ -51,8 +52,7 @@ from hfgen.training_utils import (
     load_checkpoint,
     load_train_dataset,
     make_accelerator,
-    resumed_epochs,
-    save_checkpoint,
+    start_trackers,
 )
 
 logger = get_logger(__name__)
@@ -285,29 +285,16 @@ def evaluate(model: CLIPModel, tokenizer, held_out, class_names, templates) -> d
     return report
 
 
-def main(args: argparse.Namespace) -> dict:
-    """Train, save clip/ text_encoder/ tokenizer/ and zero_shot.json in ``args.output_dir``; return the report."""
-    accelerator = make_accelerator(args)  # data order = f(seed, epoch)
-
-    # 1. data
-    train_set, held_out, class_names, templates = load_data(args)
-
-    # 2. tokenizer (kept in output_dir so that a resumed run reuses it) and model
-    tokenizer_dir = os.path.join(args.output_dir, "tokenizer")
-    tokenizer = load_tokenizer(args, train_set["text"])
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(tokenizer_dir)
-    model = build_clip(args, tokenizer)
-    image_size = model.config.vision_config.image_size
-    max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
-    ema = EMAModel(model.parameters(), decay=args.ema_decay) if args.use_ema else None
+def make_loader(args, train_set, tokenizer, image_size: int, max_length: int) -> torch.utils.data.DataLoader:
+    """Batches of tokenized captions (``input_ids``, ``attention_mask``) and their images (``pixel_values``
+    (B, 3, S, S), CLIP-normalised)."""
 
     def collate(examples: list[dict]) -> dict:
         batch = tokenize(tokenizer, [ex["text"] for ex in examples], max_length)
         batch["pixel_values"] = preprocess_images([ex["image"] for ex in examples], image_size)  # (B, 3, S, S)
         return batch
 
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         train_set,
         batch_size=args.train_batch_size,
         shuffle=True,
@@ -316,81 +303,89 @@ def main(args: argparse.Namespace) -> dict:
         num_workers=args.dataloader_num_workers,
     )
 
-    # 3. optimiser
+
+def global_batch_loss(accelerator, model, clip: CLIPModel, batch: dict) -> torch.Tensor:
+    """The symmetric contrastive loss over the global batch: N = num_processes x B pairs, the same loss on every
+    rank; the forward runs through the prepared ``model``, the temperature is read from its unwrapped ``clip``."""
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+    )
+    image_embeds = gather_with_grad(accelerator, out.image_embeds)  # (N, D), unit norm
+    text_embeds = gather_with_grad(accelerator, out.text_embeds)  # (N, D), unit norm
+    return contrastive_loss(clip.logit_scale.exp() * image_embeds @ text_embeds.T)  # (N, N) -> ()
+
+
+def train_loop(args, accelerator, model, optimizer, lr_scheduler, loader, length, ema) -> tuple[int, float, int]:
+    """Train from the resumed step to ``max_train_steps``; returns (last step, last loss, skipped updates)."""
+    global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
+    guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
+    loop = UpdateLoop(accelerator, loader, length, global_step, args.gradient_accumulation_steps)
+    clip = accelerator.unwrap_model(model)
+    loss_value = float("nan")
+    model.train()
+    for _, _, batch in loop:
+        with accelerator.accumulate(model):
+            loss = global_batch_loss(accelerator, model, clip, batch)
+            guarded_update(accelerator, guard, loss, optimizer, model.parameters(), args.max_grad_norm, lr_scheduler)
+            with torch.no_grad():  # temperature at most 1 / 100 (CLIP, Sec. 2.5)
+                clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        if not loop.updated():
+            continue
+        if not guard.end_update(loop.global_step) and ema is not None:
+            ema.step(clip.parameters())
+        loss_value = loss.detach().item()
+        loop.show({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "logit_scale": clip.logit_scale.item()})
+        checkpoint_if_due(accelerator, args, loop.global_step, guard, lambda: checkpoint_weights(clip, ema=ema))
+    return loop.global_step, loss_value, guard.skipped
+
+
+def push_folder(args) -> None:
+    """Upload ``--output_dir`` (without its checkpoints and logs) to ``--hub_model_id`` (default: the folder's name)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True).repo_id
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", "logs/*"])
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train, save clip/ text_encoder/ tokenizer/ and zero_shot.json in ``args.output_dir``; return the report."""
+    accelerator = make_accelerator(args)  # data order = f(seed, epoch)
+    train_set, held_out, class_names, templates = load_data(args)
+
+    # the tokenizer is kept in output_dir, so that a resumed run reuses it
+    tokenizer = load_tokenizer(args, train_set["text"])
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
+    model = build_clip(args, tokenizer)
+    image_size = model.config.vision_config.image_size
+    max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
+    ema = EMAModel(model.parameters(), decay=args.ema_decay) if args.use_ema else None
+    loader = make_loader(args, train_set, tokenizer, image_size, max_length)
     optimizer = make_optimizer(model, args)
     length = TrainingLength.of(accelerator, loader, args)
     lr_scheduler = length.lr_scheduler(args, optimizer, accelerator.num_processes)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     if ema is not None:
         attach_ema(accelerator, ema)  # on the device, saved in the checkpoints as safetensors
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("train_clip", config={k: v for k, v in vars(args).items() if v is not None})
-
-    # 4. resume
-    global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
-
-    # 5. loop
+    start_trackers(accelerator, args, "train_clip")
     logger.info(f"{len(train_set)} pairs, {length.max_train_steps} steps of batch {args.train_batch_size}")
-    progress = tqdm(range(length.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
-    unwrapped = accelerator.unwrap_model(model)
-    loss_value = float("nan")
-    guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
-    epochs = resumed_epochs(accelerator, loader, global_step, length, args.gradient_accumulation_steps)
-    for _, _, epoch_loader in epochs:
-        model.train()
-        for batch in epoch_loader:
-            with accelerator.accumulate(model):
-                out = model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"],
-                )
-                # contrast against the global batch: N = num_processes x B pairs, the same loss on every rank
-                image_embeds = gather_with_grad(accelerator, out.image_embeds)  # (N, D), unit norm
-                text_embeds = gather_with_grad(accelerator, out.text_embeds)  # (N, D), unit norm
-                loss = contrastive_loss(unwrapped.logit_scale.exp() * image_embeds @ text_embeds.T)  # (N, N) -> ()
-                guarded_update(
-                    accelerator, guard, loss, optimizer, model.parameters(), args.max_grad_norm, lr_scheduler
-                )
-                with torch.no_grad():  # temperature at most 1 / 100 (CLIP, Sec. 2.5)
-                    unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            if not guard.end_update(global_step) and ema is not None:
-                ema.step(unwrapped.parameters())
-            progress.update(1)
-            loss_value = loss.detach().item()
-            logs = {
-                "loss": loss_value,
-                "lr": lr_scheduler.get_last_lr()[0],
-                "logit_scale": unwrapped.logit_scale.item(),
-            }
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                weights = checkpoint_weights(unwrapped, ema=ema)
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, weights,
-                                script_state=guard.script_state())  # fmt: skip
-            if global_step >= length.max_train_steps:
-                break
-        if global_step >= length.max_train_steps:
-            break
 
-    # 6. save clip/, text_encoder/, tokenizer/, then zero-shot on held-out images
+    global_step, loss_value, skipped = train_loop(
+        args, accelerator, model, optimizer, lr_scheduler, loader, length, ema
+    )
+
+    # save clip/, text_encoder/, tokenizer/, then zero-shot on held-out images
     accelerator.wait_for_everyone()
-    report = {"steps": global_step, "final_loss": loss_value, "skipped_steps": guard.skipped}
+    report = {"steps": global_step, "final_loss": loss_value, "skipped_steps": skipped}
     if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
         if ema is not None:
             ema.copy_to(unwrapped.parameters())
         save_outputs(args, unwrapped, tokenizer, image_size)
         report.update(evaluate(unwrapped, tokenizer, held_out, class_names, templates))
         Path(args.output_dir, "zero_shot.json").write_text(json.dumps(report, indent=2))
         if args.push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True).repo_id
-            upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", "logs/*"])
+            push_folder(args)
     accelerator.end_training()
     return report
 

@@ -40,7 +40,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, is_compiled_module
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 import hfgen
 from hfgen import objectives
@@ -54,20 +53,22 @@ from hfgen.training_utils import (
     Lamb,
     NonFiniteGuard,
     TrainingLength,
+    UpdateLoop,
     add_run_args,
     all_finite,
     attach_ema,
+    checkpoint_if_due,
     checkpoint_weights,
     fused_adam,
     guarded_update,
+    hub_training_info,
     lamb_param_groups,
     load_checkpoint,
     load_train_dataset,
     log_image_grid,
     make_accelerator,
     resolve_resume,
-    resumed_epochs,
-    save_checkpoint,
+    start_trackers,
 )
 
 logger = get_logger(__name__)
@@ -528,7 +529,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image_column", default="image")
     p.add_argument("--caption_column", default="text")
     p.add_argument("--label_column", default="label")
-    p.add_argument("--shapes_num_images", type=int, default=4096)
+    p.add_argument(
+        "--shapes_num_images",
+        "--num_shapes",
+        dest="shapes_num_images",
+        type=int,
+        default=4096,
+        help="size of the built-in shapes training set (also --num_shapes, the other scripts' name)",
+    )
     p.add_argument("--shapes_exclude", nargs="*", default=None, help='shapes pairs left out, e.g. "red triangle"')
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="default: 1 for MNIST, else 3")
@@ -918,16 +926,7 @@ def after_update(args, accelerator, trainer: Trainer, inputs, guard: NonFiniteGu
     if not guard.end_update(global_step) and trainer.ema is not None:
         trainer.ema.step(trainer.denoiser.parameters())
     logs = {"loss": accelerator.gather(loss.detach()[None]).mean().item(), "lr": trainer.lr_scheduler.get_last_lr()[0]}
-    accelerator.log(logs, step=global_step)
-    if global_step % args.checkpointing_steps == 0:
-        save_checkpoint(
-            accelerator,
-            args.output_dir,
-            global_step,
-            args.checkpoints_total_limit,
-            trainer.weights(),
-            script_state=guard.script_state(),
-        )
+    checkpoint_if_due(accelerator, args, global_step, guard, trainer.weights)
     if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
         validate(args, accelerator, trainer, inputs, global_step)
     return logs
@@ -937,40 +936,17 @@ def train_loop(args, accelerator, trainer: Trainer, inputs, loss_fn) -> int:
     """Train from the resumed step to ``max_train_steps``; returns the last step."""
     global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
     guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
-    progress = tqdm(
-        range(trainer.length.max_train_steps),
-        initial=global_step,
-        desc="steps",
-        disable=not accelerator.is_local_main_process,
-    )
+    accumulation = args.gradient_accumulation_steps
+    loop = UpdateLoop(accelerator, trainer.dataloader, trainer.length, global_step, accumulation)
     trainer.model.train()
-    epochs = resumed_epochs(
-        accelerator, trainer.dataloader, global_step, trainer.length, args.gradient_accumulation_steps
-    )
-    for _, _, loader in epochs:
-        micro = 0
-        for batch in loader:
-            with accelerator.accumulate(trainer.model):
-                loss = loss_fn(batch, global_step, micro)
-                micro += 1
-                guarded_update(
-                    accelerator,
-                    guard,
-                    loss,
-                    trainer.optimizer,
-                    trainer.model.parameters(),
-                    args.max_grad_norm,
-                    trainer.lr_scheduler,
-                )
-            if not accelerator.sync_gradients:
-                continue
-            global_step, micro = global_step + 1, 0
-            progress.update(1)
-            progress.set_postfix(**after_update(args, accelerator, trainer, inputs, guard, loss, global_step))
-            if global_step >= trainer.length.max_train_steps:
-                break
-    progress.close()
-    return global_step
+    for _, index, batch in loop:
+        with accelerator.accumulate(trainer.model):
+            loss = loss_fn(batch, loop.global_step, index % accumulation)  # keyed by (update, micro-batch)
+            guarded_update(accelerator, guard, loss, trainer.optimizer, trainer.model.parameters(),
+                           args.max_grad_norm, trainer.lr_scheduler)  # fmt: skip
+        if loop.updated():
+            loop.show(after_update(args, accelerator, trainer, inputs, guard, loss, loop.global_step))
+    return loop.global_step
 
 
 def save_outputs(args, trainer: Trainer, inputs: TrainingInputs, device, global_step: int) -> None:
@@ -984,9 +960,7 @@ def save_outputs(args, trainer: Trainer, inputs: TrainingInputs, device, global_
     images = sample_images(args, pipeline, inputs.num_classes, device)
     image_grid(images).save(os.path.join(args.output_dir, "samples.png"))
     if args.push_to_hub:
-        skip = ("hub_token", "output_dir", "logging_dir")
-        info = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
-        info["train_steps"] = global_step
+        info = hub_training_info(args, train_steps=global_step)
         pipeline.push_to_hub(args.hub_model_id, training_info=info, images=images, token=args.hub_token)
 
 
@@ -998,9 +972,7 @@ def main(args: argparse.Namespace) -> None:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if inputs.vae is not None:
         inputs.vae.to(accelerator.device, dtype=weight_dtype)
-    if accelerator.is_main_process and args.report_to != "none":
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("train_diffusion", config)
+    start_trackers(accelerator, args, "train_diffusion")
 
     loss_fn = MicroBatchLoss(args, accelerator, trainer, inputs, weight_dtype)
     global_step = train_loop(args, accelerator, trainer, inputs, loss_fn)

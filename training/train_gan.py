@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -39,7 +40,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from hfgen.gan import CLASS_CONDITIONINGS, GAN_PRESETS, GANDiscriminator, GANGenerator
 from hfgen.pipelines import HFGenGANPipeline
@@ -47,21 +47,23 @@ from hfgen.training_utils import (
     GlobalBatchDraws,
     NonFiniteGuard,
     TrainingLength,
+    UpdateLoop,
     add_image_data_args,
     add_run_args,
     attach_ema,
     check_resume_arg,
+    checkpoint_if_due,
     checkpoint_weights,
     convert_sync_batchnorm,
     fused_adam,
     guarded_update,
+    hub_training_info,
     image_train_set,
     load_checkpoint,
     log_image_grid,
     make_accelerator,
     plain_batchnorm,
-    resumed_epochs,
-    save_checkpoint,
+    start_trackers,
     to_pil_grid,
 )
 
@@ -266,20 +268,30 @@ def build_gan(args, num_classes: int | None, device) -> tuple[GANGenerator, GAND
     return G, D
 
 
-def main(args: argparse.Namespace) -> dict:
-    """Train, save an ``HFGenGANPipeline`` folder (and ``discriminator/``) in ``args.output_dir``; return a report."""
-    accelerator = make_accelerator(args)  # data order = f(seed, epoch)
+@dataclasses.dataclass
+class Trainer:
+    """What the loop updates, prepared by Accelerate (``G``, ``D`` wrapped; ``generator`` the unwrapped G)."""
 
-    # 1. data: (B, C, H, W) in [-1, 1] and labels (B,)
-    dataset, transform = image_train_set(args, label_column=args.label_column)
-    num_classes = num_labels(dataset) if args.class_conditional else None
-    loader = make_loader(args, dataset, transform)
+    G: torch.nn.Module
+    D: torch.nn.Module
+    generator: GANGenerator
+    g_opt: torch.optim.Optimizer
+    d_opt: torch.optim.Optimizer
+    g_sched: object
+    d_sched: object
+    loader: torch.utils.data.DataLoader
+    length: TrainingLength
+    ema: EMAModel | None
+    num_classes: int | None
 
-    # 2. models
-    G, D = build_gan(args, num_classes, accelerator.device)
+    def weights(self) -> list[torch.Tensor]:
+        return checkpoint_weights(self.generator, self.D, ema=self.ema)
+
+
+def prepare_trainer(args, accelerator: Accelerator, G, D, loader, num_classes: int | None) -> Trainer:
+    """The two Adams (TTUR), their LR schedules over the sharded run, one ``accelerator.prepare`` of all of them with
+    the loader, and G's EMA."""
     ema = EMAModel(G.parameters(), decay=args.ema_decay) if args.use_ema else None
-
-    # 3. optimisers (TTUR)
     betas = (args.adam_beta1, args.adam_beta2)
     g_opt = fused_adam(G.parameters(), decoupled_weight_decay=False, lr=args.g_lr, betas=betas)
     d_opt = fused_adam(D.parameters(), decoupled_weight_decay=False, lr=args.d_lr, betas=betas)
@@ -288,89 +300,100 @@ def main(args: argparse.Namespace) -> dict:
     G, D, g_opt, d_opt, loader, g_sched, d_sched = accelerator.prepare(G, D, g_opt, d_opt, loader, g_sched, d_sched)
     if ema is not None:
         attach_ema(accelerator, ema)  # on the device, saved in the checkpoints as safetensors
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers(
-            "train_gan",
-            config={k: str(v) if isinstance(v, list) else v for k, v in vars(args).items() if v is not None},
-        )
+    generator = accelerator.unwrap_model(G)
+    return Trainer(G, D, generator, g_opt, d_opt, g_sched, d_sched, loader, length, ema, num_classes)
 
-    # 4. resume
+
+def fixed_sample_inputs(args, trainer: Trainer, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The z (and labels, cycling through the classes) of every sample grid, seeded apart from the training."""
+    latent_dim = trainer.generator.config.latent_dim
+    fixed_z = torch.randn(args.num_sample_images, latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
+    if not trainer.num_classes:
+        return fixed_z, None
+    return fixed_z, (torch.arange(args.num_sample_images) % trainer.num_classes).to(device)
+
+
+def gan_update(args, accelerator, trainer: Trainer, guard: NonFiniteGuard, real, labels, step: int) -> dict:
+    """One discriminator update, then one generator update against the just-updated D; z of the global batch keyed
+    by ``step``. Returns the losses (tensors) for the logs."""
+    y = labels if trainer.num_classes else None
+    latent_dim = trainer.generator.config.latent_dim
+    draws = GlobalBatchDraws(accelerator, real.shape[0], args.seed, step)
+
+    # a. discriminator: real vs detached fakes, plus the lazy R1 penalty
+    with torch.no_grad():
+        fake = trainer.G(draws.randn(latent_dim), y).sample  # (B, C, H, W)
+    d_loss = discriminator_loss(trainer.D(real, y).logits, trainer.D(fake, y).logits, args.loss)
+    losses = {"d_loss": d_loss}
+    if args.r1_gamma > 0 and step % args.r1_every == 0:
+        losses["r1"] = r1_penalty(trainer.D, real, y)
+        d_loss = d_loss + args.r1_every * args.r1_gamma / 2 * losses["r1"]
+    guarded_update(accelerator, guard, d_loss, trainer.d_opt, trainer.D.parameters(), args.max_grad_norm)
+
+    # b. generator: fool the (just updated) discriminator
+    g_loss = generator_loss(trainer.D(trainer.G(draws.randn(latent_dim), y).sample, y).logits, args.loss)
+    guarded_update(accelerator, guard, g_loss, trainer.g_opt, trainer.G.parameters(), args.max_grad_norm)
+    trainer.d_opt.zero_grad(set_to_none=True)  # drop the grads g_loss left in D
+    return {**losses, "g_loss": g_loss}
+
+
+def train_loop(args, accelerator: Accelerator, trainer: Trainer, fixed: tuple) -> tuple[int, dict, int]:
+    """Train from the resumed step to ``max_train_steps``; returns (last step, last logs, skipped updates)."""
     global_step, script_state = load_checkpoint(accelerator, args.resume_from_checkpoint, args.output_dir)
-
-    # 5. loop: one D update, one G update per batch
-    logger.info(f"{len(dataset)} images, {length.max_train_steps} steps of batch {args.train_batch_size}")
-    G_unwrapped = accelerator.unwrap_model(G)
-    latent_dim, device = G_unwrapped.config.latent_dim, accelerator.device
-    fixed = torch.Generator().manual_seed(0)
-    fixed_z = torch.randn(args.num_sample_images, latent_dim, generator=fixed).to(device)
-    fixed_labels = None
-    if num_classes:
-        fixed_labels = (torch.arange(args.num_sample_images) % num_classes).to(device)
-    progress = tqdm(range(length.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
-    logs = {}
     guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps, script_state)  # the count survives a resume
-    for _, _, epoch_loader in resumed_epochs(accelerator, loader, global_step, length):
-        G.train()
-        D.train()
-        for real, labels in epoch_loader:
-            B = real.shape[0]
-            y = labels if num_classes else None
-            draws = GlobalBatchDraws(accelerator, B, args.seed, global_step)  # z of the global batch, keyed by step
+    loop = UpdateLoop(accelerator, trainer.loader, trainer.length, global_step)
+    logs = {}
+    trainer.G.train()
+    trainer.D.train()
+    for _, _, (real, labels) in loop:
+        losses = gan_update(args, accelerator, trainer, guard, real, labels, loop.global_step)
+        loop.updated()  # no accumulation: every batch is an update
+        skipped = guard.end_update(loop.global_step)
+        trainer.g_sched.step()
+        trainer.d_sched.step()
+        if trainer.ema is not None and not skipped:
+            trainer.ema.step(trainer.generator.parameters())
+        logs = {**{k: v.item() for k, v in losses.items()}, "g_lr": trainer.g_sched.get_last_lr()[0]}
+        loop.show(logs)
+        checkpoint_if_due(accelerator, args, loop.global_step, guard, trainer.weights)
+        if accelerator.is_main_process and args.sample_steps and loop.global_step % args.sample_steps == 0:
+            g_sample = sampling_generator(trainer.generator, trainer.ema, args, accelerator.num_processes)
+            log_samples(g_sample, *fixed, args, accelerator, loop.global_step)
+    return loop.global_step, logs, guard.skipped
 
-            # a. discriminator: real vs detached fakes, plus the lazy R1 penalty
-            z = draws.randn(latent_dim)
-            with torch.no_grad():
-                fake = G(z, y).sample  # (B, C, H, W)
-            d_loss = discriminator_loss(D(real, y).logits, D(fake, y).logits, args.loss)
-            r1 = None
-            if args.r1_gamma > 0 and global_step % args.r1_every == 0:
-                r1 = r1_penalty(D, real, y)
-                d_loss = d_loss + args.r1_every * args.r1_gamma / 2 * r1
-            guarded_update(accelerator, guard, d_loss, d_opt, D.parameters(), args.max_grad_norm)
 
-            # b. generator: fool the (just updated) discriminator
-            z = draws.randn(latent_dim)
-            g_loss = generator_loss(D(G(z, y).sample, y).logits, args.loss)
-            guarded_update(accelerator, guard, g_loss, g_opt, G.parameters(), args.max_grad_norm)
-            d_opt.zero_grad(set_to_none=True)  # drop the grads g_loss left in D
-            skipped = guard.end_update(global_step + 1)
-            g_sched.step()
-            d_sched.step()
-            if ema is not None and not skipped:
-                ema.step(G_unwrapped.parameters())
-            global_step += 1
-            progress.update(1)
-            logs = {"d_loss": d_loss.item(), "g_loss": g_loss.item(), "g_lr": g_sched.get_last_lr()[0]}
-            if r1 is not None:
-                logs["r1"] = r1.item()
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                weights = checkpoint_weights(G_unwrapped, D, ema=ema)
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, weights,
-                                script_state=guard.script_state())  # fmt: skip
-            if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
-                g_sample = sampling_generator(G_unwrapped, ema, args, accelerator.num_processes)
-                log_samples(g_sample, fixed_z, fixed_labels, args, accelerator, global_step)
-            if global_step >= length.max_train_steps:
-                break
-        if global_step >= length.max_train_steps:
-            break
+def save_outputs(args, accelerator: Accelerator, trainer: Trainer, fixed: tuple, report: dict) -> None:
+    """The saved generator (EMA weights, BatchNorm stats re-estimated for them), its last grid, ``discriminator/``,
+    the report and the Hub upload (main process)."""
+    g_final = sampling_generator(trainer.generator, trainer.ema, args, accelerator.num_processes)
+    log_samples(g_final, *fixed, args, accelerator, report["steps"])
+    pipeline = HFGenGANPipeline(generator=g_final)
+    pipeline.save_pretrained(args.output_dir)
+    accelerator.unwrap_model(trainer.D).save_pretrained(os.path.join(args.output_dir, "discriminator"))
+    Path(args.output_dir, "train_report.json").write_text(json.dumps(report, indent=2))
+    logger.info(f"saved {args.output_dir}")
+    if args.push_to_hub:
+        pipeline.push_to_hub(args.hub_model_id or Path(args.output_dir).name, training_info=hub_training_info(args))
 
-    # 6. the saved generator: EMA weights, BatchNorm stats re-estimated for them
+
+def main(args: argparse.Namespace) -> dict:
+    """Train, save an ``HFGenGANPipeline`` folder (and ``discriminator/``) in ``args.output_dir``; return a report."""
+    accelerator = make_accelerator(args)  # data order = f(seed, epoch)
+    dataset, transform = image_train_set(args, label_column=args.label_column)
+    num_classes = num_labels(dataset) if args.class_conditional else None
+    loader = make_loader(args, dataset, transform)  # (B, C, H, W) in [-1, 1] and labels (B,)
+    G, D = build_gan(args, num_classes, accelerator.device)
+    trainer = prepare_trainer(args, accelerator, G, D, loader, num_classes)
+    start_trackers(accelerator, args, "train_gan")
+    logger.info(f"{len(dataset)} images, {trainer.length.max_train_steps} steps of batch {args.train_batch_size}")
+
+    fixed = fixed_sample_inputs(args, trainer, accelerator.device)
+    global_step, logs, skipped = train_loop(args, accelerator, trainer, fixed)
+
     accelerator.wait_for_everyone()
-    report = {"steps": global_step, "skipped_steps": guard.skipped, **logs}
+    report = {"steps": global_step, "skipped_steps": skipped, **logs}
     if accelerator.is_main_process:
-        g_final = sampling_generator(G_unwrapped, ema, args, accelerator.num_processes)
-        log_samples(g_final, fixed_z, fixed_labels, args, accelerator, global_step)
-        pipeline = HFGenGANPipeline(generator=g_final)
-        pipeline.save_pretrained(args.output_dir)
-        accelerator.unwrap_model(D).save_pretrained(os.path.join(args.output_dir, "discriminator"))
-        Path(args.output_dir, "train_report.json").write_text(json.dumps(report, indent=2))
-        logger.info(f"saved {args.output_dir}")
-        if args.push_to_hub:
-            info = {k: v for k, v in vars(args).items() if v is not None and k not in ("push_to_hub", "hub_model_id")}
-            pipeline.push_to_hub(args.hub_model_id or Path(args.output_dir).name, training_info=info)
+        save_outputs(args, accelerator, trainer, fixed, report)
     accelerator.end_training()
     return report
 
