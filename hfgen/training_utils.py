@@ -725,6 +725,19 @@ def image_train_set(args, label_column: str | None = None):
     return dataset, transform
 
 
+def count_classes(dataset, num_classes: int | None = None, needed_by: str = "class conditioning") -> int:
+    """The class count of ``dataset``'s ``label`` column: ``num_classes`` (``--num_classes``) when given, else the
+    label feature's own count, else the largest label + 1. ``needed_by`` names the flag that asked for labels in
+    the errors."""
+    if "label" not in dataset.column_names:
+        raise ValueError(f"{needed_by} needs a label column; the data set has {dataset.column_names}")
+    largest = int(max(dataset["label"]))
+    num_classes = num_classes or getattr(dataset.features["label"], "num_classes", None) or largest + 1
+    if largest >= num_classes:
+        raise ValueError(f"--num_classes {num_classes} is too small for the largest label {largest}")
+    return num_classes
+
+
 def load_train_dataset(
     args,
     num_shapes: int,
@@ -816,6 +829,16 @@ def make_accelerator(args, seedable_sampler: bool = True) -> Accelerator:
         os.makedirs(args.output_dir, exist_ok=True)
         remove_partial_checkpoints(args.output_dir)
     return accelerator
+
+
+def save_pipeline(args, pipeline, report: dict) -> None:
+    """Save ``pipeline`` in ``--output_dir`` with ``train_report.json`` (``report``) beside it, and with
+    ``--push_to_hub`` upload it to ``--hub_model_id`` (default: the folder's name) with the run's flags on its card."""
+    pipeline.save_pretrained(args.output_dir)
+    Path(args.output_dir, "train_report.json").write_text(json.dumps(report, indent=2))
+    logger.info(f"saved {args.output_dir}")
+    if args.push_to_hub:
+        pipeline.push_to_hub(args.hub_model_id or Path(args.output_dir).name, training_info=hub_training_info(args))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

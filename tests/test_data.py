@@ -284,3 +284,17 @@ def test_training_images_are_transformed_once_when_cached():
     assert image_cache_fits(hub_centred, dataset, 3)
     workers = parse_args(["--output_dir", "unused", "--dataloader_num_workers", "2"])
     assert not image_cache_fits(workers, dataset, 3)  # each worker would keep its own copy
+
+
+def test_the_class_count_of_a_data_set_is_its_feature_or_the_flag_and_never_too_small():
+    from hfgen.training_utils import count_classes
+
+    labelled = Dataset.from_dict({"label": [0, 3, 1]}, features=Features({"label": ClassLabel(num_classes=10)}))
+    plain = Dataset.from_dict({"label": [0, 3, 1]})
+    assert count_classes(labelled) == 10  # the feature's own count, though the largest label is 3
+    assert count_classes(plain) == 4  # largest + 1
+    assert count_classes(plain, num_classes=6) == 6
+    with pytest.raises(ValueError, match=r"--num_classes 3 is too small for the largest label 3"):
+        count_classes(plain, num_classes=3)
+    with pytest.raises(ValueError, match=r"--class_conditional needs a label column; the data set has \['image'\]"):
+        count_classes(Dataset.from_dict({"image": [0]}), needed_by="--class_conditional")

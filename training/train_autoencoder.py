@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -49,11 +48,11 @@ from hfgen.training_utils import (
     checkpoint_weights,
     fused_adam,
     guarded_update,
-    hub_training_info,
     image_train_set,
     load_checkpoint,
     log_image_grid,
     make_accelerator,
+    save_pipeline,
     start_trackers,
     to_pil_grid,
 )
@@ -289,12 +288,8 @@ def save_outputs(args, accelerator: Accelerator, trainer: Trainer, fixed_images:
     vae.register_to_config(scaling_factor=1.0 / max(std, 1e-8))
     report.update(latent_std=std, scaling_factor=vae.config.scaling_factor)
     log_samples(vae, fixed_images, args, accelerator, report["steps"])
-    pipeline = HFGenVAEPipeline(vae=vae)
-    pipeline.save_pretrained(args.output_dir)
-    Path(args.output_dir, "train_report.json").write_text(json.dumps(report, indent=2))
-    logger.info(f"saved {args.output_dir} (scaling_factor {report['scaling_factor']:.4f})")
-    if args.push_to_hub:
-        pipeline.push_to_hub(args.hub_model_id or Path(args.output_dir).name, training_info=hub_training_info(args))
+    logger.info(f"scaling_factor {report['scaling_factor']:.4f}")
+    save_pipeline(args, HFGenVAEPipeline(vae=vae), report)
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -59,6 +59,7 @@ from hfgen.training_utils import (
     attach_ema,
     checkpoint_if_due,
     checkpoint_weights,
+    count_classes,
     fused_adam,
     guarded_update,
     hub_training_info,
@@ -704,17 +705,6 @@ class TrainingInputs:
         return self.text_encoder.config.hidden_size if self.text_encoder is not None else None
 
 
-def count_classes(args, dataset) -> int:
-    """``--num_classes``, else the label feature's class count, else the largest label + 1."""
-    if "label" not in dataset.column_names:
-        raise ValueError(f"--conditioning class needs a label column; the data set has {dataset.column_names}")
-    largest = max(dataset["label"])
-    num_classes = args.num_classes or getattr(dataset.features["label"], "num_classes", None) or largest + 1
-    if largest >= num_classes:
-        raise ValueError(f"--num_classes {num_classes} is too small for the largest label {largest}")
-    return num_classes
-
-
 def load_vae_for(args, channels: int):
     """``--vae`` (or None) and the image channels it encodes, checked against ``--channels``."""
     if not args.vae:
@@ -741,7 +731,9 @@ def prepare_inputs(args, device) -> TrainingInputs:
         raise ValueError("the training data set is empty")
     vae, channels = load_vae_for(args, args.channels or (1 if args.mnist_npz else 3))
     transform = image_transform(args.resolution, channels, center_crop=args.center_crop, pad=args.pad_images)
-    num_classes = count_classes(args, dataset) if args.conditioning == "class" else None
+    num_classes = (
+        count_classes(dataset, args.num_classes, "--conditioning class") if args.conditioning == "class" else None
+    )
     text = load_caption_encoder(args, dataset, device) if args.conditioning == "text" else (None, None, None)
     latents, in_channels, sample_size = None, channels, args.resolution
     if vae is not None:

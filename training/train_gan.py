@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
@@ -55,14 +54,15 @@ from hfgen.training_utils import (
     checkpoint_if_due,
     checkpoint_weights,
     convert_sync_batchnorm,
+    count_classes,
     fused_adam,
     guarded_update,
-    hub_training_info,
     image_train_set,
     load_checkpoint,
     log_image_grid,
     make_accelerator,
     plain_batchnorm,
+    save_pipeline,
     start_trackers,
     to_pil_grid,
 )
@@ -175,13 +175,6 @@ def r1_penalty(discriminator, real: torch.Tensor, class_labels: torch.Tensor | N
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def num_labels(dataset) -> int:
-    feature = dataset.features.get("label")
-    if feature is not None and hasattr(feature, "num_classes"):
-        return feature.num_classes
-    return int(max(dataset["label"])) + 1
 
 
 @torch.no_grad()
@@ -367,20 +360,15 @@ def save_outputs(args, accelerator: Accelerator, trainer: Trainer, fixed: tuple,
     the report and the Hub upload (main process)."""
     g_final = sampling_generator(trainer.generator, trainer.ema, args, accelerator.num_processes)
     log_samples(g_final, *fixed, args, accelerator, report["steps"])
-    pipeline = HFGenGANPipeline(generator=g_final)
-    pipeline.save_pretrained(args.output_dir)
     accelerator.unwrap_model(trainer.D).save_pretrained(os.path.join(args.output_dir, "discriminator"))
-    Path(args.output_dir, "train_report.json").write_text(json.dumps(report, indent=2))
-    logger.info(f"saved {args.output_dir}")
-    if args.push_to_hub:
-        pipeline.push_to_hub(args.hub_model_id or Path(args.output_dir).name, training_info=hub_training_info(args))
+    save_pipeline(args, HFGenGANPipeline(generator=g_final), report)
 
 
 def main(args: argparse.Namespace) -> dict:
     """Train, save an ``HFGenGANPipeline`` folder (and ``discriminator/``) in ``args.output_dir``; return a report."""
     accelerator = make_accelerator(args)  # data order = f(seed, epoch)
     dataset, transform = image_train_set(args, label_column=args.label_column)
-    num_classes = num_labels(dataset) if args.class_conditional else None
+    num_classes = count_classes(dataset, needed_by="--class_conditional") if args.class_conditional else None
     loader = make_loader(args, dataset, transform)  # (B, C, H, W) in [-1, 1] and labels (B,)
     G, D = build_gan(args, num_classes, accelerator.device)
     trainer = prepare_trainer(args, accelerator, G, D, loader, num_classes)
