@@ -10,7 +10,9 @@ Denoiser speed and memory: hfgen ``UNetModel`` vs diffusers ``UNet2DModel``, hfg
 
 Every model runs in each of ``--variants``, all timed side by side in the same A/B/A/B-interleaved rounds:
 ``eager``; ``channels_last`` (weights and input in ``torch.channels_last``: the U-Nets only, the convolutional
-models); ``compiled`` (``torch.compile``, inductor, default mode); ``compiled_channels_last`` (both). The compile
+models); ``compiled`` (``torch.compile``, inductor, default mode); ``compiled_channels_last`` (both); ``compiled_frozen``
+(sampling only: ``torch.compile(model, options={"freezing": True})``, which folds the weights of a no-grad graph into
+it as constants, so it suits a sampling pipeline whose weights no longer change). The compile
 time of a compiled variant is the wall time its first training and first sampling call took beyond a steady one (the
 inductor cache in /tmp makes a rerun compile faster; a full run compiles 7 models, about a minute each on 2 CPU
 cores with a cold cache). The summary gives the speed ratios the goals are stated in:
@@ -63,7 +65,10 @@ DIT_SIZES = {"quick": (2, 64, 2), "small": (6, 192, 3), "base": (12, 384, 6)}  #
 RIN_SIZES = {"quick": "RIN-tiny", "small": "RIN-small", "base": "RIN-cifar"}
 FAMILIES = {"unet": ("hfgen", "diffusers"), "dit": ("hfgen", "diffusers"), "rin": ("hfgen",)}
 CONVOLUTIONAL = ("unet",)  # the families that channels_last applies to
-VARIANTS = ("eager", "channels_last", "compiled", "compiled_channels_last")
+VARIANTS = ("eager", "channels_last", "compiled", "compiled_channels_last", "compiled_frozen")
+# sampling only: inductor's freezing folds the weights into a no-grad graph as constants (prepacked oneDNN linear
+# and convolution weights, fused epilogues); a training graph is not frozen, so these have no training step
+SAMPLING_ONLY = ("compiled_frozen",)
 
 
 def build(name: str, size: str) -> tuple[torch.nn.Module, dict]:
@@ -250,7 +255,8 @@ def prepare_variant(model, inputs, variant: str, backend: str):
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     if variant.startswith("compiled"):
-        model = torch.compile(model, backend=backend)
+        frozen = "frozen" in variant and backend == "inductor"  # options are inductor's (--quick traces only)
+        model = torch.compile(model, backend=backend, **({"options": {"freezing": True}} if frozen else {}))
     return model, (x, t, y)
 
 
@@ -280,18 +286,27 @@ def measure_family(names: list[str], variants: list[str], args, backend: str, pr
         for variant in variants:
             m, i = prepare_variant(model, inputs, variant, backend)
             key = f"{name}/{variant}"
-            fns[f"{key}/train"] = lambda m=m, i=i: train_step(m, *i)
-            fns[f"{key}/sample"] = lambda m=m, i=i: sample_step(m, *i)
-            if variant.startswith("compiled"):
-                compiled.update({f"{key}/train": fns[f"{key}/train"], f"{key}/sample": fns[f"{key}/sample"]})
+            steps = ("sample",) if variant in SAMPLING_ONLY else ("train", "sample")
+            step_fns = {"train": train_step, "sample": sample_step}
+            for step in steps:
+                fns[f"{key}/{step}"] = lambda m=m, i=i, f=step_fns[step]: f(m, *i)
+                if variant.startswith("compiled"):
+                    compiled[f"{key}/{step}"] = fns[f"{key}/{step}"]
     first = first_calls(compiled, device)  # the compiles, one function at a time
     med = interleaved_medians(fns, args.repeats, device, warmup=2 if compiled else 1)
     return med, first, flops, params
 
 
-def speed_ratio(med: dict, a: str, b: str, step: str, clock: str) -> float:
-    """Speed of ``a`` relative to ``b`` (time of b / time of a: > 1 = a faster) for one step kind and clock."""
+def speed_ratio(med: dict, a: str, b: str, step: str, clock: str) -> float | None:
+    """Speed of ``a`` relative to ``b`` (time of b / time of a: > 1 = a faster) for one step kind and clock; None
+    where one of them has no such step (a sampling-only variant's training)."""
+    if f"{a}/{step}" not in med or f"{b}/{step}" not in med:
+        return None
     return med[f"{b}/{step}"][clock] / med[f"{a}/{step}"][clock]
+
+
+def fmt(value: float | None, spec: str = ".2f", suffix: str = "x") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 def comparisons(variants: list[str]) -> list[tuple[str, str]]:
@@ -398,24 +413,25 @@ def main(args: argparse.Namespace) -> dict:
             results["variants"][name] = {}
             for variant in fam_variants:
                 key = f"{name}/{variant}"
-                tr, sa = med[f"{key}/train"][clock], med[f"{key}/sample"][clock]
+                has_train = f"{key}/train" in med
+                tr, sa = med[f"{key}/train"][clock] if has_train else None, med[f"{key}/sample"][clock]
                 compile_s = None
                 if variant.startswith("compiled"):
-                    compile_s = sum(
-                        first[f"{key}/{step}"] - med[f"{key}/{step}"]["wall"] for step in ("train", "sample")
-                    )
-                gf_tr, gf_sa = flops[name]["train"] / tr / 1e9, flops[name]["sample"] / sa / 1e9
+                    steps = ("train", "sample") if has_train else ("sample",)
+                    compile_s = sum(first[f"{key}/{step}"] - med[f"{key}/{step}"]["wall"] for step in steps)
+                gf_tr = flops[name]["train"] / tr / 1e9 if has_train else None
+                gf_sa = flops[name]["sample"] / sa / 1e9
                 row = {
                     "params": params[name],
                     "train_s": tr,
                     "sample_s": sa,
-                    "train_img_s": args.batch_size / tr,
+                    "train_img_s": args.batch_size / tr if has_train else None,
                     "sample_img_s": args.batch_size / sa,
                     "train_gflop": flops[name]["train"] / 1e9,
                     "sample_gflop": flops[name]["sample"] / 1e9,
                     "train_gflops": gf_tr,
                     "sample_gflops": gf_sa,
-                    "train_wall_s": med[f"{key}/train"]["wall"],
+                    "train_wall_s": med[f"{key}/train"]["wall"] if has_train else None,
                     "sample_wall_s": med[f"{key}/sample"]["wall"],
                     "compile_s": compile_s,
                 }
@@ -426,13 +442,14 @@ def main(args: argparse.Namespace) -> dict:
                 if "eager" in fam_variants:
                     eager = f"{name}/eager"
                     own = (
-                        f"{speed_ratio(med, key, eager, 'train', clock):.2f}x, "
-                        f"{speed_ratio(med, key, eager, 'sample', clock):.2f}x"
+                        f"{fmt(speed_ratio(med, key, eager, 'train', clock))}, "
+                        f"{fmt(speed_ratio(med, key, eager, 'sample', clock))}"
                     )
+                train_cells = "-" if gf_tr is None else f"{gf_tr:.1f} ({100 * gf_tr / peak:.0f}%)"
                 lines.append(
-                    f"| {name} | {variant} | {params[name] / 1e6:.3f}M | {args.batch_size / tr:.1f} | "
-                    f"{args.batch_size / sa:.1f} | {own} | {gf_tr:.1f} ({100 * gf_tr / peak:.0f}%) | "
-                    f"{gf_sa:.1f} ({100 * gf_sa / peak:.0f}%) | {'-' if compile_s is None else f'{compile_s:.0f}'} |"
+                    f"| {name} | {variant} | {params[name] / 1e6:.3f}M | {fmt(row['train_img_s'], '.1f', '')} | "
+                    f"{args.batch_size / sa:.1f} | {own} | {train_cells} | "
+                    f"{gf_sa:.1f} ({100 * gf_sa / peak:.0f}%) | {fmt(compile_s, '.0f', '')} |"
                 )
         if len(names) < 2:
             continue
@@ -456,8 +473,8 @@ def main(args: argparse.Namespace) -> dict:
             }
             results["ratios"][family][f"{hv} / {dv}"] = r
             summary.append(
-                f"| {family} | {hv} | {dv} | {r['train']:.2f}x | {r['sample']:.2f}x | "
-                f"{r['train_wall']:.2f}x, {r['sample_wall']:.2f}x |"
+                f"| {family} | {hv} | {dv} | {fmt(r['train'])} | {fmt(r['sample'])} | "
+                f"{fmt(r['train_wall'])}, {fmt(r['sample_wall'])} |"
             )
     lines.append("")
     if summary:

@@ -35,6 +35,18 @@ def test_bench_speed_quick(tmp_path):
     assert "Top ops" in results_md.read_text()
 
 
+def test_bench_speed_frozen_variant_is_timed_for_sampling_only(tmp_path):
+    """--quick --compile traces with the "eager" backend (no C++ builds): the variants' code runs, and the frozen one
+    (a no-grad graph with its weights folded in) has a sampling time and no training step."""
+    args = ["--quick", "--compile", "--models", "dit", "--variants", "eager,compiled_frozen"]
+    out = bench_speed.main(bench_speed.parse_args([*args, "--results", str(tmp_path / "RESULTS.md")]))
+    frozen = out["variants"]["dit_hfgen"]["compiled_frozen"]
+    assert frozen["train_s"] is None and frozen["sample_s"] > 0
+    ratio = out["ratios"]["dit"]["compiled_frozen / eager"]
+    assert ratio["train"] is None and ratio["sample"] > 0
+    assert "| dit | compiled_frozen | eager | - |" in (tmp_path / "RESULTS.md").read_text()
+
+
 def test_bench_speed_memory_worker_measures_the_step():
     small = bench_speed.memory_worker("unet_hfgen", "quick", 2)
     large = bench_speed.memory_worker("unet_hfgen", "quick", 64)
