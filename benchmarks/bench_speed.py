@@ -399,6 +399,8 @@ def main(args: argparse.Namespace) -> dict:
         f"{', '.join(variants)} (compile backend {backend}), {args.repeats} interleaved rounds (medians of {clock} "
         f"time); {args.dtype} matmul peak ({args.matmul_size}^3): {peak:.1f} GFLOP/s\n"
     )
+    if backend != "inductor" and any("frozen" in v for v in variants):
+        lines.append(f"- freezing is inductor's: with backend {backend} the frozen variants are compiled, not frozen\n")
     lines.append(
         "| model | variant | params | train img/s | sample img/s | train, sample x own eager | "
         "train GFLOP/s (% peak) | sample GFLOP/s (% peak) | compile s |"

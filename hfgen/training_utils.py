@@ -731,10 +731,14 @@ def count_classes(dataset, num_classes: int | None = None, needed_by: str = "cla
     the errors."""
     if "label" not in dataset.column_names:
         raise ValueError(f"{needed_by} needs a label column; the data set has {dataset.column_names}")
-    largest = int(max(dataset["label"]))
+    labels = dataset["label"]
+    smallest, largest = int(min(labels)), int(max(labels))
+    if smallest < 0:
+        raise ValueError(f"{needed_by} needs every example labelled; the data set has label {smallest}")
+    source = "--num_classes" if num_classes else "the label feature's class count"
     num_classes = num_classes or getattr(dataset.features["label"], "num_classes", None) or largest + 1
     if largest >= num_classes:
-        raise ValueError(f"--num_classes {num_classes} is too small for the largest label {largest}")
+        raise ValueError(f"{source} ({num_classes}) is too small for the largest label {largest}")
     return num_classes
 
 
@@ -883,10 +887,14 @@ def start_trackers(accelerator, args, project: str) -> None:
 
 
 def hub_training_info(args, **extra) -> dict:
-    """The run's flags for the model card of a Hub upload (``training_info``), without secrets, local paths and the
-    upload flags themselves, plus ``extra`` (e.g. the steps made)."""
+    """The run's flags for the model card of a Hub upload (``training_info``), plus ``extra`` (e.g. the steps made):
+    without secrets, the output folders and the upload flags themselves; a flag naming a local file or folder
+    (``--mnist_npz``, ``--text_encoder`` ...) shows its name only, not where it lies on this machine (a Hub id
+    stays whole)."""
     skip = SECRET_ARGS + ("push_to_hub", "hub_model_id", "output_dir", "logging_dir")
-    return {**{k: v for k, v in vars(args).items() if v is not None and k not in skip}, **extra}
+    info = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
+    info = {k: Path(v).name if isinstance(v, str) and os.path.exists(v) else v for k, v in info.items()}
+    return {**info, **extra}
 
 
 def log_image_grid(accelerator, tag: str, grid: PIL.Image.Image, step: int) -> None:

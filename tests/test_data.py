@@ -294,7 +294,9 @@ def test_the_class_count_of_a_data_set_is_its_feature_or_the_flag_and_never_too_
     assert count_classes(labelled) == 10  # the feature's own count, though the largest label is 3
     assert count_classes(plain) == 4  # largest + 1
     assert count_classes(plain, num_classes=6) == 6
-    with pytest.raises(ValueError, match=r"--num_classes 3 is too small for the largest label 3"):
+    with pytest.raises(ValueError, match=r"--num_classes \(3\) is too small for the largest label 3"):
         count_classes(plain, num_classes=3)
+    with pytest.raises(ValueError, match=r"--class_conditional needs every example labelled; .* label -1"):
+        count_classes(Dataset.from_dict({"label": [0, -1]}), needed_by="--class_conditional")
     with pytest.raises(ValueError, match=r"--class_conditional needs a label column; the data set has \['image'\]"):
         count_classes(Dataset.from_dict({"image": [0]}), needed_by="--class_conditional")

@@ -179,7 +179,7 @@ def run_loop(accumulation: int, start: int, max_steps: int) -> tuple[list, int, 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
     model = accelerator.prepare(torch.nn.Linear(1, 1))
     loader = torch.utils.data.DataLoader(torch.arange(10.0), batch_size=1, shuffle=False)
-    length = TrainingLength(10 // accumulation, max_steps)
+    length = TrainingLength(-(-10 // accumulation), max_steps)  # a short last update where 10 % accumulation > 0
     loop = UpdateLoop(accelerator, accelerator.prepare(loader), length, start, accumulation)
     drawn, updates = [], 0
     for epoch, index, batch in loop:
@@ -203,6 +203,15 @@ def test_a_resumed_update_loop_draws_what_the_uninterrupted_one_draws_after_the_
     resumed, step, updates = run_loop(accumulation=2, start=3, max_steps=7)
     assert (step, updates) == (7, 4)
     assert resumed == whole[6:]  # 3 updates x 2 batches already trained on
+
+
+def test_an_epoch_that_ends_in_a_short_update_is_counted_and_resumed_alike():
+    """10 batches with accumulation 3: updates of 3, 3, 3 and 1 batches, 4 per epoch."""
+    whole, step, updates = run_loop(accumulation=3, start=0, max_steps=6)
+    assert (step, updates) == (6, 6)
+    assert whole == [(0, i, i) for i in range(10)] + [(1, i, i) for i in range(6)]
+    assert run_loop(accumulation=3, start=4, max_steps=6)[0] == whole[10:]  # resumed at the epoch boundary
+    assert run_loop(accumulation=3, start=5, max_steps=6)[0] == whole[13:]  # one update into epoch 1
 
 
 def test_an_update_loop_resumed_at_its_end_draws_nothing():
@@ -240,9 +249,14 @@ def test_trackers_get_the_flags_as_scalars_without_secrets(tmp_path):
     assert list(tmp_path.rglob("events.out.tfevents.*"))  # TensorBoard took them
 
 
-def test_the_model_card_gets_the_flags_without_secrets_paths_or_upload_flags():
+def test_the_model_card_gets_the_flags_without_secrets_paths_or_upload_flags(tmp_path):
+    digits = tmp_path / "mnist10k.npz"
+    digits.write_bytes(b"")
     args = types.SimpleNamespace(
         learning_rate=1e-3, hub_token="hf_secret", output_dir="/home/me/run", logging_dir="logs", push_to_hub=True,
-        hub_model_id="me/model", seed=0, unset=None,
+        hub_model_id="me/model", seed=0, unset=None, mnist_npz=str(digits), text_encoder="openai/clip-vit-base-patch32",
     )  # fmt: skip
-    assert hub_training_info(args, train_steps=10) == {"learning_rate": 1e-3, "seed": 0, "train_steps": 10}
+    assert hub_training_info(args, train_steps=10) == {
+        "learning_rate": 1e-3, "seed": 0, "mnist_npz": "mnist10k.npz", "text_encoder": "openai/clip-vit-base-patch32",
+        "train_steps": 10,
+    }  # fmt: skip

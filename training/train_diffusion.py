@@ -913,15 +913,17 @@ def validate(args, accelerator, trainer: Trainer, inputs: TrainingInputs, step: 
     return images
 
 
-def after_update(args, accelerator, trainer: Trainer, inputs, guard: NonFiniteGuard, loss, global_step: int) -> dict:
-    """EMA, logs, checkpoint and validation after update ``global_step``; the same decisions on every rank."""
+def after_update(args, accelerator, trainer: Trainer, inputs, guard: NonFiniteGuard, loss, loop: UpdateLoop) -> None:
+    """EMA, logs, checkpoint and validation after update ``loop.global_step``; the same decisions on every rank. The
+    logs go out first, so the step a failing checkpoint or validation stops at is still in the trackers."""
+    global_step = loop.global_step
     if not guard.end_update(global_step) and trainer.ema is not None:
         trainer.ema.step(trainer.denoiser.parameters())
-    logs = {"loss": accelerator.gather(loss.detach()[None]).mean().item(), "lr": trainer.lr_scheduler.get_last_lr()[0]}
+    loss_mean = accelerator.gather(loss.detach()[None]).mean().item()
+    loop.show({"loss": loss_mean, "lr": trainer.lr_scheduler.get_last_lr()[0]})
     checkpoint_if_due(accelerator, args, global_step, guard, trainer.weights)
     if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
         validate(args, accelerator, trainer, inputs, global_step)
-    return logs
 
 
 def train_loop(args, accelerator, trainer: Trainer, inputs, loss_fn) -> int:
@@ -937,7 +939,7 @@ def train_loop(args, accelerator, trainer: Trainer, inputs, loss_fn) -> int:
             guarded_update(accelerator, guard, loss, trainer.optimizer, trainer.model.parameters(),
                            args.max_grad_norm, trainer.lr_scheduler)  # fmt: skip
         if loop.updated():
-            loop.show(after_update(args, accelerator, trainer, inputs, guard, loss, loop.global_step))
+            after_update(args, accelerator, trainer, inputs, guard, loss, loop)
     return loop.global_step
 
 
