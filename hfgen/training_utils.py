@@ -384,7 +384,7 @@ class NonFiniteGuard:
     rank, at the same step).
 
     Use: ``guard.check(loss)`` after each forward (and ``guard.check(grad_norm)`` after clipping); step the optimizer
-    only when ``guard.ok``; then ``guard.end_update(step)`` once per optimizer update. The count of skipped updates
+    only when ``guard.ok``; then ``guard.end_update(step, ema, model)`` once per optimizer update (the EMA, if any, steps there). The count of skipped updates
     travels in the checkpoints: ``save_checkpoint(..., script_state=guard.script_state())``, and the ``script_state``
     that ``load_checkpoint`` returns goes back into the constructor.
     """
@@ -406,8 +406,12 @@ class NonFiniteGuard:
         self.ok = finite_on_all_ranks(self.accelerator, *tensors) and self.ok
         return self.ok
 
-    def end_update(self, step: int) -> bool:
-        """Close the pending update; True when it was skipped (counted, logged, and fatal past ``max_skips``)."""
+    def end_update(self, step: int, ema=None, model: torch.nn.Module | None = None) -> bool:
+        """Close the pending update; True when it was skipped (counted, logged, and fatal past ``max_skips``). An
+        ``ema`` (diffusers' ``EMAModel``, or None) steps on ``model``'s parameters after a finite update only, so a
+        skipped update leaves the average as it was, on every rank."""
+        if ema is not None and model is None:
+            raise ValueError("end_update: an `ema` needs the `model` whose parameters it averages")
         skipped, self.ok = not self.ok, True
         if skipped:
             self.skipped += 1
@@ -419,6 +423,8 @@ class NonFiniteGuard:
                     f"stopping at step {step}: {self.skipped} updates had a non-finite loss or gradient "
                     f"(--max_nonfinite_steps {self.max_skips}); lower --learning_rate or try --mixed_precision no"
                 )
+        elif ema is not None:
+            ema.step(model.parameters())
         return skipped
 
 

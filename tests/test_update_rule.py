@@ -59,6 +59,28 @@ def test_a_finite_loss_steps_and_a_nan_loss_leaves_the_weights(accelerator):
     assert scheduler.get_last_lr()[0] == pytest.approx(0.1 / 3)  # the schedule moves on: two updates ended
 
 
+def test_the_ema_follows_finite_updates_only(accelerator):
+    from diffusers.training_utils import EMAModel
+
+    model, optimizer, scheduler = model_and_optimizer(accelerator)
+    ema = EMAModel(model.parameters(), decay=0.5, use_ema_warmup=False)
+    guard = NonFiniteGuard(accelerator, max_skips=5)
+    start = model.weight.detach().clone()
+    guarded_update(accelerator, guard, loss_of(model), optimizer, model.parameters(), 1.0, scheduler)
+    assert not guard.end_update(1, ema, model)
+    assert ema.optimization_step == 1
+    averaged = ema.shadow_params[0].clone()
+    assert not torch.allclose(averaged, start)  # moved towards the stepped weights
+
+    guarded_update(accelerator, guard, loss_of(model, float("nan")), optimizer, model.parameters(), 1.0, scheduler)
+    assert guard.end_update(2, ema, model)
+    assert ema.optimization_step == 1  # the skipped update did not count
+    torch.testing.assert_close(ema.shadow_params[0], averaged, rtol=0, atol=0)
+    assert not guard.end_update(3, None, model)  # no EMA: nothing to step
+    with pytest.raises(ValueError, match="`model`"):
+        guard.end_update(4, ema)
+
+
 def test_an_infinite_gradient_norm_skips_the_step(accelerator):
     model, optimizer, _ = model_and_optimizer(accelerator)
     guard = NonFiniteGuard(accelerator, max_skips=5)

@@ -267,8 +267,7 @@ def train_loop(args, accelerator: Accelerator, trainer: Trainer, fixed_images: t
                            args.max_grad_norm, trainer.lr_scheduler)  # fmt: skip
         if not loop.updated():
             continue
-        if not guard.end_update(loop.global_step) and trainer.ema is not None:
-            trainer.ema.step(trainer.vae.parameters())
+        guard.end_update(loop.global_step, trainer.ema, trainer.vae)
         logs = {"loss": loss.item(), "lr": trainer.lr_scheduler.get_last_lr()[0]}
         logs.update({k: float(v) for k, v in parts.items()})
         loop.show(logs)

@@ -331,8 +331,7 @@ def train_loop(args, accelerator, model, optimizer, lr_scheduler, loader, length
                 clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         if not loop.updated():
             continue
-        if not guard.end_update(loop.global_step) and ema is not None:
-            ema.step(clip.parameters())
+        guard.end_update(loop.global_step, ema, clip)
         loss_value = loss.detach().item()
         loop.show({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "logit_scale": clip.logit_scale.item()})
         checkpoint_if_due(accelerator, args, loop.global_step, guard, lambda: checkpoint_weights(clip, ema=ema))

@@ -917,8 +917,7 @@ def after_update(args, accelerator, trainer: Trainer, inputs, guard: NonFiniteGu
     """EMA, logs, checkpoint and validation after update ``loop.global_step``; the same decisions on every rank. The
     logs go out first, so the step a failing checkpoint or validation stops at is still in the trackers."""
     global_step = loop.global_step
-    if not guard.end_update(global_step) and trainer.ema is not None:
-        trainer.ema.step(trainer.denoiser.parameters())
+    guard.end_update(global_step, trainer.ema, trainer.denoiser)
     loss_mean = accelerator.gather(loss.detach()[None]).mean().item()
     loop.show({"loss": loss_mean, "lr": trainer.lr_scheduler.get_last_lr()[0]})
     checkpoint_if_due(accelerator, args, global_step, guard, trainer.weights)

@@ -341,11 +341,9 @@ def train_loop(args, accelerator: Accelerator, trainer: Trainer, fixed: tuple) -
     for _, _, (real, labels) in loop:
         losses = gan_update(args, accelerator, trainer, guard, real, labels, loop.global_step)
         loop.updated()  # no accumulation: every batch is an update
-        skipped = guard.end_update(loop.global_step)
+        guard.end_update(loop.global_step, trainer.ema, trainer.generator)
         trainer.g_sched.step()
         trainer.d_sched.step()
-        if trainer.ema is not None and not skipped:
-            trainer.ema.step(trainer.generator.parameters())
         logs = {**{k: v.item() for k, v in losses.items()}, "g_lr": trainer.g_sched.get_last_lr()[0]}
         loop.show(logs)
         checkpoint_if_due(accelerator, args, loop.global_step, guard, trainer.weights)
