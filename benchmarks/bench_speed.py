@@ -20,7 +20,8 @@ hfgen compiled vs diffusers eager, and each hfgen variant vs the same diffusers 
 
 For each model and variant it reports (medians over the interleaved rounds; on a CPU of process CPU time, which other
 jobs on a shared machine disturb far less than wall time, with the wall-time ratios beside them):
-- training step = zero_grad + forward + MSE + backward, and sampling step = no_grad forward, as images per second;
+- training step = zero_grad + forward + MSE + backward (the model in train mode), and sampling step = no_grad
+  forward of an eval-mode copy (as in a pipeline), as images per second;
 - FLOPs of each step counted by ``torch.utils.flop_counter.FlopCounterMode`` and the achieved GFLOP/s as a fraction of
   this machine's matmul peak, measured in the same run (best of a few large square matmuls in ``--dtype``);
 - the top operators of one training step by self time (torch.profiler), with ``--profile``;
@@ -277,19 +278,21 @@ def measure_family(names: list[str], variants: list[str], args, backend: str, pr
         model = model.to(device, dtype).train()
         params[name] = sum(p.numel() for p in model.parameters())
         inputs = make_inputs(spec, args.batch_size, device, dtype)
+        # a pipeline samples with its model in eval mode (``from_pretrained`` returns it so): so do the sampling steps
+        sampler = copy.deepcopy(model).eval()
         flops[name] = {
             "train": count_flops(lambda m=model, i=inputs: train_step(m, *i)),
-            "sample": count_flops(lambda m=model, i=inputs: sample_step(m, *i)),
+            "sample": count_flops(lambda m=sampler, i=inputs: sample_step(m, *i)),
         }
         if args.profile:
             profiles.append(f"- {name}: " + "; ".join(top_ops(model, *inputs)))
         for variant in variants:
-            m, i = prepare_variant(model, inputs, variant, backend)
             key = f"{name}/{variant}"
             steps = ("sample",) if variant in SAMPLING_ONLY else ("train", "sample")
-            step_fns = {"train": train_step, "sample": sample_step}
             for step in steps:
-                fns[f"{key}/{step}"] = lambda m=m, i=i, f=step_fns[step]: f(m, *i)
+                m, i = prepare_variant(model if step == "train" else sampler, inputs, variant, backend)
+                f = train_step if step == "train" else sample_step
+                fns[f"{key}/{step}"] = lambda m=m, i=i, f=f: f(m, *i)
                 if variant.startswith("compiled"):
                     compiled[f"{key}/{step}"] = fns[f"{key}/{step}"]
     first = first_calls(compiled, device)  # the compiles, one function at a time

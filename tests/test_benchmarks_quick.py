@@ -49,6 +49,22 @@ def test_bench_speed_frozen_variant_is_timed_for_sampling_only(tmp_path):
     assert "with backend eager the frozen variants are compiled, not frozen" in text  # no row passes for frozen
 
 
+def test_bench_speed_trains_in_train_mode_and_samples_in_eval_mode(tmp_path, monkeypatch):
+    """Sampling is timed as a pipeline runs it, on an eval-mode model; training on the model in train mode."""
+    seen = {"train": set(), "sample": set()}
+    for step in seen:
+        original = getattr(bench_speed, f"{step}_step")
+
+        def record(model, *inputs, step=step, original=original):
+            seen[step].add(model.training)
+            return original(model, *inputs)
+
+        monkeypatch.setattr(bench_speed, f"{step}_step", record)
+    args = ["--quick", "--models", "unet", "--variants", "eager,channels_last", "--repeats", "1"]
+    bench_speed.main(bench_speed.parse_args([*args, "--results", str(tmp_path / "RESULTS.md")]))
+    assert seen == {"train": {True}, "sample": {False}}
+
+
 def test_bench_speed_memory_worker_measures_the_step():
     small = bench_speed.memory_worker("unet_hfgen", "quick", 2)
     large = bench_speed.memory_worker("unet_hfgen", "quick", 64)
