@@ -384,9 +384,10 @@ class NonFiniteGuard:
     rank, at the same step).
 
     Use: ``guard.check(loss)`` after each forward (and ``guard.check(grad_norm)`` after clipping); step the optimizer
-    only when ``guard.ok``; then ``guard.end_update(step, ema, model)`` once per optimizer update (the EMA, if any, steps there). The count of skipped updates
-    travels in the checkpoints: ``save_checkpoint(..., script_state=guard.script_state())``, and the ``script_state``
-    that ``load_checkpoint`` returns goes back into the constructor.
+    only when ``guard.ok``; then ``guard.end_update(step, ema, model)`` once per optimizer update (the EMA, if any,
+    steps there). The count of skipped updates travels in the checkpoints:
+    ``save_checkpoint(..., script_state=guard.script_state())``, and the ``script_state`` that ``load_checkpoint``
+    returns goes back into the constructor.
     """
 
     STATE_KEY = "nonfinite_steps"  # the count's name in the checkpoint's script state

@@ -128,8 +128,9 @@ class AttentionBlock(nn.Module):
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C), N = H * W
         h = self.attn(h)  # (B, N, C), contiguous
         # the residual sums put the attention output first, so they keep its layout: tokens contiguous (B, N, C),
-        # the map in channels-last strides, where the convolutions that follow run faster on a CPU (training step
-        # of bench_speed's U-Net 1.17x on an Intel Xeon; the same layout diffusers' U-Net ends up in)
+        # the map in channels-last strides, where the convolutions that follow run faster on a CPU (the layout
+        # diffusers' U-Net ends up in; on an Intel Xeon hfgen's eager U-Net trained at 0.93-0.95x of diffusers' with
+        # the NCHW sum and at 1.05x with this one, benchmarks/RESULTS.md "stop 27")
         if self.cross_attn is None or context is None:
             return h.transpose(1, 2).reshape(B, C, H, W) + x  # (B, C, H, W)
         tokens = h + x.flatten(2).transpose(1, 2)  # (B, N, C)
