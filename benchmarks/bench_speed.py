@@ -453,7 +453,7 @@ def main(args: argparse.Namespace) -> dict:
                 train_cells = "-" if gf_tr is None else f"{gf_tr:.1f} ({100 * gf_tr / peak:.0f}%)"
                 lines.append(
                     f"| {name} | {variant} | {params[name] / 1e6:.3f}M | {fmt(row['train_img_s'], '.1f', '')} | "
-                    f"{args.batch_size / sa:.1f} | {own} | {train_cells} | "
+                    f"{row['sample_img_s']:.1f} | {own} | {train_cells} | "
                     f"{gf_sa:.1f} ({100 * gf_sa / peak:.0f}%) | {fmt(compile_s, '.0f', '')} |"
                 )
         if len(names) < 2:
