@@ -200,12 +200,17 @@ def preprocess_images(
     return torch.stack(pixel_values)  # (B, C, S, S)
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
-    """Pad to the tokenizer's max length (or ``max_length``) and truncate: ``input_ids`` and ``attention_mask``."""
+def tokenize(
+    tokenizer, texts: Sequence[str], max_length: int | None = None, padding: str = "max_length"
+) -> dict[str, torch.Tensor]:
+    """Truncate to the tokenizer's max length (or ``max_length``) and pad: ``input_ids`` and ``attention_mask``.
+
+    :param padding: ``"max_length"`` (every batch that long, as a text encoder conditioning a denoiser sees its
+        prompts) or ``"longest"`` (the batch's longest text: the same causal text features, at a fraction of the cost
+        for short captions; what CLIP training uses).
+    """
     max_length = max_length or tokenizer.model_max_length
-    return dict(
-        tokenizer(list(texts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    )
+    return dict(tokenizer(list(texts), padding=padding, max_length=max_length, truncation=True, return_tensors="pt"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

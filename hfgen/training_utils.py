@@ -778,6 +778,32 @@ def load_train_dataset(
     )
 
 
+IMAGE_CACHE_BYTES = 2**30  # transformed training images are kept in memory when they fit in 1 GiB as float32
+
+
+def image_cache_fits(num_images: int, image_numel: int, num_workers: int) -> bool:
+    """Whether ``num_images`` transformed images of ``image_numel`` float32 values fit in ``IMAGE_CACHE_BYTES``, with
+    no data-loader worker (each would keep a copy of its own)."""
+    return num_images * image_numel * 4 <= IMAGE_CACHE_BYTES and num_workers == 0
+
+
+class TransformedImages:
+    """``transform(dataset[i]["image"])`` for index ``i``; with ``keep`` each result is kept after its first use, so
+    later epochs decode and transform nothing. Only for a deterministic transform (no random crop or flip)."""
+
+    def __init__(self, dataset, transform, keep: bool = False):
+        self.dataset, self.transform = dataset, transform
+        self.kept: dict[int, torch.Tensor] | None = {} if keep else None
+
+    def __call__(self, i: int) -> torch.Tensor:
+        if self.kept is not None and i in self.kept:
+            return self.kept[i]
+        x = self.transform(self.dataset[i]["image"])
+        if self.kept is not None:
+            self.kept[i] = x
+        return x
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Images
 # ----------------------------------------------------------------------------------------------------------------------

@@ -192,6 +192,36 @@ def test_contrastive_loss_is_symmetric_cross_entropy():
     torch.testing.assert_close(train_clip.contrastive_loss(logits), expected)
 
 
+def test_train_clip_batches_pad_to_the_longest_caption_and_keep_the_causal_text_features(tokenizer):
+    """The loader pads each batch to its longest caption, not to --max_length: the pooled text features (read at the
+    end-of-text token of a causal model) and the contrastive loss are those of the full padding, at a fraction of the
+    text model's work; each image is preprocessed once, later epochs read it back."""
+    from hfgen.data import make_shapes_dataset
+
+    model = make_tiny_clip_model(tokenizer, image_size=16).eval()
+    data = make_shapes_dataset(num_images=6, image_size=16, seed=0)
+    args = train_clip.parse_args(["--output_dir", "unused", "--train_batch_size", "6"])
+    loader = train_clip.make_loader(args, data, tokenizer, image_size=16, max_length=16)
+    batch = next(iter(loader))
+    full = tokenizer(batch_texts := tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True),
+                     padding="max_length", max_length=16, return_tensors="pt")  # fmt: skip
+    assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max()) < 16
+    assert len(batch_texts) == 6 and full.input_ids.shape == (6, 16)
+    with torch.no_grad():
+        short = model(**batch)
+        long = model(input_ids=full.input_ids, attention_mask=full.attention_mask, pixel_values=batch["pixel_values"])
+    # the same softmax over the same keys; float32 roundings of shorter reductions differ at most by a few eps
+    assert_close_float32(short.text_embeds, long.text_embeds, num_eps=64)
+    loss_short, loss_long = (train_clip.contrastive_loss(o.logits_per_image) for o in (short, long))
+    assert_close_float32(loss_short, loss_long, num_eps=64)
+    examples = loader.dataset
+    calls = []
+    examples.pixel_values.transform = lambda image: calls.append(1) or examples.preprocess(image)
+    for i in range(6):
+        torch.testing.assert_close(examples[i]["pixel_values"], preprocess_images([data[i]["image"]], 16)[0])
+    assert not calls  # all six kept from the first batch
+
+
 TINY_ARGS = [
     *("--resolution", "16", "--patch_size", "4", "--num_heads", "2", "--max_length", "8"),
     *(

@@ -260,7 +260,7 @@ def test_hub_dataset_name_offline_not_cached_names_it(tmp_path):
 def test_training_images_are_transformed_once_when_cached():
     """train_diffusion keeps each transformed image after its first epoch when the transform is deterministic; a
     random crop (a Hub set without --center_crop / --pad_images) is never frozen into the cache."""
-    from hfgen.training.train_diffusion import TrainExamples, image_cache_fits, parse_args
+    from hfgen.training.train_diffusion import TrainExamples, may_cache_images, parse_args
 
     dataset = make_shapes_dataset(num_images=6, image_size=16, seed=0)
     calls = []
@@ -277,13 +277,13 @@ def test_training_images_are_transformed_once_when_cached():
     for a, b, c in zip(first, second, (TrainExamples(dataset, transform)[i]["x"] for i in range(6))):
         assert torch.equal(a, b) and torch.equal(a, c)
     args = parse_args(["--output_dir", "unused", "--resolution", "16"])
-    assert image_cache_fits(args, dataset, 3)  # the built-in shapes
+    assert may_cache_images(args, dataset, 3)  # the built-in shapes
     hub = parse_args(["--output_dir", "unused", "--resolution", "16", "--dataset_name", "user/images"])
-    assert not image_cache_fits(hub, dataset, 3)  # random crops
+    assert not may_cache_images(hub, dataset, 3)  # random crops
     hub_centred = parse_args(["--output_dir", "unused", "--dataset_name", "user/images", "--center_crop"])
-    assert image_cache_fits(hub_centred, dataset, 3)
+    assert may_cache_images(hub_centred, dataset, 3)
     workers = parse_args(["--output_dir", "unused", "--dataloader_num_workers", "2"])
-    assert not image_cache_fits(workers, dataset, 3)  # each worker would keep its own copy
+    assert not may_cache_images(workers, dataset, 3)  # each worker would keep its own copy
 
 
 def test_the_class_count_of_a_data_set_is_its_feature_or_the_flag_and_never_too_small():

@@ -40,6 +40,7 @@ from hfgen.data import COLORS, SHAPE_PAIRS, SHAPES, make_shapes_dataset
 from hfgen.training_utils import (
     NonFiniteGuard,
     TrainingLength,
+    TransformedImages,
     UpdateLoop,
     add_run_args,
     attach_ema,
@@ -49,6 +50,7 @@ from hfgen.training_utils import (
     fused_adam,
     gather_with_grad,
     guarded_update,
+    image_cache_fits,
     load_checkpoint,
     load_train_dataset,
     make_accelerator,
@@ -285,17 +287,38 @@ def evaluate(model: CLIPModel, tokenizer, held_out, class_names, templates) -> d
     return report
 
 
+class CaptionedImages(torch.utils.data.Dataset):
+    """Index -> {"text": caption, "pixel_values": (3, S, S) CLIP-normalised}. The preprocessing (resize, centre crop,
+    normalise) is deterministic, so each image is kept after its first epoch when the set fits in memory
+    (``image_cache_fits``)."""
+
+    def __init__(self, dataset, image_size: int, num_workers: int = 0):
+        self.texts, self.image_size = list(dataset["text"]), image_size
+        keep = image_cache_fits(len(dataset), 3 * image_size**2, num_workers)
+        self.pixel_values = TransformedImages(dataset, self.preprocess, keep)
+
+    def preprocess(self, image) -> torch.Tensor:
+        return preprocess_images([image], self.image_size)[0]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"text": self.texts[i], "pixel_values": self.pixel_values(i)}
+
+
 def make_loader(args, train_set, tokenizer, image_size: int, max_length: int) -> torch.utils.data.DataLoader:
-    """Batches of tokenized captions (``input_ids``, ``attention_mask``) and their images (``pixel_values``
-    (B, 3, S, S), CLIP-normalised)."""
+    """Batches of tokenized captions (``input_ids``, ``attention_mask``, padded to the batch's longest caption: the
+    text features at the end-of-text token are those of a full-length padding, since the text model is causal) and
+    their images (``pixel_values`` (B, 3, S, S), CLIP-normalised)."""
 
     def collate(examples: list[dict]) -> dict:
-        batch = tokenize(tokenizer, [ex["text"] for ex in examples], max_length)
-        batch["pixel_values"] = preprocess_images([ex["image"] for ex in examples], image_size)  # (B, 3, S, S)
+        batch = tokenize(tokenizer, [ex["text"] for ex in examples], max_length, padding="longest")
+        batch["pixel_values"] = torch.stack([ex["pixel_values"] for ex in examples])  # (B, 3, S, S)
         return batch
 
     return torch.utils.data.DataLoader(
-        train_set,
+        CaptionedImages(train_set, image_size, args.dataloader_num_workers),
         batch_size=args.train_batch_size,
         shuffle=True,
         drop_last=len(train_set) >= args.train_batch_size,

@@ -53,6 +53,7 @@ from hfgen.training_utils import (
     Lamb,
     NonFiniteGuard,
     TrainingLength,
+    TransformedImages,
     UpdateLoop,
     add_run_args,
     all_finite,
@@ -63,6 +64,7 @@ from hfgen.training_utils import (
     fused_adam,
     guarded_update,
     hub_training_info,
+    image_cache_fits,
     lamb_param_groups,
     load_checkpoint,
     load_train_dataset,
@@ -273,21 +275,13 @@ class TrainExamples(torch.utils.data.Dataset):
     deterministic transform) each image is decoded and transformed once and kept, instead of once per epoch."""
 
     def __init__(self, dataset, transform, latents: torch.Tensor | None = None, cache_images: bool = False):
-        self.dataset, self.transform, self.latents = dataset, transform, latents
+        self.dataset, self.latents = dataset, latents
         self.labels = list(dataset["label"]) if "label" in dataset.column_names else None
         self.texts = list(dataset["text"]) if "text" in dataset.column_names else None
-        self.images: dict[int, torch.Tensor] | None = {} if cache_images and latents is None else None
+        self.image = TransformedImages(dataset, transform, keep=cache_images and latents is None)  # i -> (C, H, W)
 
     def __len__(self) -> int:
         return len(self.dataset)
-
-    def image(self, i: int) -> torch.Tensor:
-        if self.images is not None and i in self.images:
-            return self.images[i]
-        x = self.transform(self.dataset[i]["image"])  # (C, H, W)
-        if self.images is not None:
-            self.images[i] = x
-        return x
 
     def __getitem__(self, i: int) -> dict:
         item = {"x": self.image(i) if self.latents is None else self.latents[i]}
@@ -298,16 +292,13 @@ class TrainExamples(torch.utils.data.Dataset):
         return item
 
 
-IMAGE_CACHE_BYTES = 2**30  # keep the transformed training images in memory when they fit in 1 GiB
-
-
-def image_cache_fits(args, dataset, channels: int) -> bool:
+def may_cache_images(args, dataset, channels: int) -> bool:
     """Whether ``TrainExamples`` may keep every transformed image: the transform is deterministic (padding, a centre
-    crop, or the square built-in shapes / MNIST, where the random crop has nothing to choose), the images fit in
-    ``IMAGE_CACHE_BYTES`` as float32, and no data-loader worker would keep a copy of its own."""
+    crop, or the square built-in shapes / MNIST, where the random crop has nothing to choose) and the images fit
+    (``image_cache_fits``)."""
     deterministic = args.pad_images or args.center_crop or not (args.dataset_name or args.train_data_dir)
-    size = len(dataset) * channels * args.resolution**2 * 4
-    return deterministic and size <= IMAGE_CACHE_BYTES and args.dataloader_num_workers == 0
+    fits = image_cache_fits(len(dataset), channels * args.resolution**2, args.dataloader_num_workers)
+    return bool(deterministic) and fits
 
 
 def collate(items: list[dict]) -> dict:
@@ -742,7 +733,7 @@ def prepare_inputs(args, device) -> TrainingInputs:
             raise ValueError(f"--resolution {args.resolution} must be divisible by the VAE's downsample factor {f}")
         latents = encode_latents(vae, dataset, transform, args.random_flip, device)
         in_channels, sample_size = vae.config.latent_channels, args.resolution // f
-    examples = TrainExamples(dataset, transform, latents, cache_images=image_cache_fits(args, dataset, channels))
+    examples = TrainExamples(dataset, transform, latents, cache_images=may_cache_images(args, dataset, channels))
     return TrainingInputs(examples, in_channels, sample_size, vae, latents, num_classes, *text)
 
 
