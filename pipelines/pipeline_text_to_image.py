@@ -307,7 +307,7 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
         :param height: image height in pixels; default: the denoiser's sample_size times the VAE factor. Must be a
             multiple of the denoiser's downsample_factor times the VAE factor (RIN: exactly its sample_size).
         :param guidance_scale: classifier-free guidance s >= 1; 1 = one conditional pass per step. Default:
-            ``default_guidance_scale`` (5.0, ``hfgen.guidance.TEXT_GUIDANCE_SCALE``).
+            ``default_guidance_scale`` (3.0, ``hfgen.guidance.TEXT_GUIDANCE_SCALE``).
         :param generator: one generator, or one per image (image i then depends on generator i only).
         :param latents: the starting noise x_T (B * num_images_per_prompt, C, H, W), unscaled.
         :param eta: DDIM noise (passed only to schedulers whose ``step`` takes it).

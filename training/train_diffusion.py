@@ -571,7 +571,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--guidance_scale",
         type=float,
         default=None,
-        help="CFG scale for conditional samples; default: the pipeline's (class 3.0, text 5.0, hfgen.guidance)",
+        help="CFG scale for conditional samples; default: the pipeline's (class and text 3.0, hfgen.guidance)",
     )
     p.add_argument("--hub_token", default=None)
     add_run_args(p, output_dir=None)
