@@ -19,7 +19,7 @@ NULL_CAPTION = ""
 # The default s of each pipeline, used by the pipeline, the training scripts' validation samples and the model card.
 # Both are the best measured scale: class-conditional MNIST reads the asked digit most often at s = 3
 # (benchmarks/RESULTS_class_conditional.md: U-Net 91%, DiT 78%, RIN 100%), and the demo's flow-matching shapes
-# pipeline draws the asked colour and shape most often at s = 3 (benchmarks/RESULTS.md, "Issue 16, stops 29-30":
+# pipeline draws the asked colour and shape most often at s = 3 (benchmarks/RESULTS.md, "Issue 16, stops 28-30":
 # 90.9% seen / 89.6% left-out pairs over 432 images, against 90.1 / 83.3 at s = 2 and 90.9 / 83.3 at s = 5).
 CLASS_GUIDANCE_SCALE = 3.0
 TEXT_GUIDANCE_SCALE = 3.0
