@@ -378,16 +378,116 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(args: argparse.Namespace) -> dict:
+def variant_row(med: dict, first: dict, flops: dict, params: dict, name: str, variant: str, batch: int, clock: str):
+    """One model's numbers at one variant: seconds, images/s, GFLOP/s and (compiled variants) the compile time, i.e.
+    the first calls' wall time beyond a timed call's."""
+    key = f"{name}/{variant}"
+    has_train = f"{key}/train" in med
+    steps = ("train", "sample") if has_train else ("sample",)
+    tr, sa = med[f"{key}/train"][clock] if has_train else None, med[f"{key}/sample"][clock]
+    compile_s = None
+    if variant.startswith("compiled"):
+        compile_s = sum(first[f"{key}/{step}"] - med[f"{key}/{step}"]["wall"] for step in steps)
+    return {
+        "params": params[name],
+        "train_s": tr,
+        "sample_s": sa,
+        "train_img_s": batch / tr if has_train else None,
+        "sample_img_s": batch / sa,
+        "train_gflop": flops[name]["train"] / 1e9,
+        "sample_gflop": flops[name]["sample"] / 1e9,
+        "train_gflops": flops[name]["train"] / tr / 1e9 if has_train else None,
+        "sample_gflops": flops[name]["sample"] / sa / 1e9,
+        "train_wall_s": med[f"{key}/train"]["wall"] if has_train else None,
+        "sample_wall_s": med[f"{key}/sample"]["wall"],
+        "compile_s": compile_s,
+    }
+
+
+def variant_line(name: str, variant: str, row: dict, own: str, peak: float) -> str:
+    gf_tr, gf_sa = row["train_gflops"], row["sample_gflops"]
+    train_cells = "-" if gf_tr is None else f"{gf_tr:.1f} ({100 * gf_tr / peak:.0f}%)"
+    return (
+        f"| {name} | {variant} | {row['params'] / 1e6:.3f}M | {fmt(row['train_img_s'], '.1f', '')} | "
+        f"{row['sample_img_s']:.1f} | {own} | {train_cells} | "
+        f"{gf_sa:.1f} ({100 * gf_sa / peak:.0f}%) | {fmt(row['compile_s'], '.0f', '')} |"
+    )
+
+
+def own_eager_cell(med: dict, name: str, variant: str, variants: list[str], clock: str) -> str:
+    """The "x own eager" cell: this variant's training and sampling speed over the same model's eager run."""
+    if "eager" not in variants:
+        return "-"
+    key, eager = f"{name}/{variant}", f"{name}/eager"
+    return f"{fmt(speed_ratio(med, key, eager, 'train', clock))}, {fmt(speed_ratio(med, key, eager, 'sample', clock))}"
+
+
+def pair_ratios(med: dict, a: str, b: str, clock: str) -> dict:
+    """Speed of ``a`` over ``b`` for both steps, by the benchmark's clock and by wall time."""
+    return {
+        "train": speed_ratio(med, a, b, "train", clock),
+        "sample": speed_ratio(med, a, b, "sample", clock),
+        "train_wall": speed_ratio(med, a, b, "train", "wall"),
+        "sample_wall": speed_ratio(med, a, b, "sample", "wall"),
+    }
+
+
+def compare_libraries(med: dict, names: list[str], params: dict, variants: list[str], clock: str, family: str):
+    """hfgen against diffusers for one family: the eager pair's summary (None without an eager run), the ratios of
+    every compared variant pair, and their summary-table lines."""
+    h, d = names
+    pair = None
+    if "eager" in variants:
+        r = pair_ratios(med, f"{h}/eager", f"{d}/eager", clock)
+        pair = {
+            "param_ratio": params[h] / params[d],
+            "train_speed_ratio": r["train"],
+            "sample_speed_ratio": r["sample"],
+            "train_wall_ratio": r["train_wall"],
+            "sample_wall_ratio": r["sample_wall"],
+        }
+    ratios, lines = {}, []
+    for hv, dv in comparisons(variants):
+        r = pair_ratios(med, f"{h}/{hv}", f"{d}/{dv}", clock)
+        ratios[f"{hv} / {dv}"] = r
+        lines.append(
+            f"| {family} | {hv} | {dv} | {fmt(r['train'])} | {fmt(r['sample'])} | "
+            f"{fmt(r['train_wall'])}, {fmt(r['sample_wall'])} |"
+        )
+    return pair, ratios, lines
+
+
+def memory_lines(mem: dict, families: list[str], batch: int) -> list[str]:
+    lines = [f"\nPeak resident memory of one eager training step at batch {batch} (fresh process each):\n"]
+    for family in families:
+        h = mem[f"{family}_hfgen"]
+        line = f"- {family}: hfgen {h['peak_step_mb']:.0f} MB"
+        if f"{family}_diffusers" in mem:
+            d = mem[f"{family}_diffusers"]
+            line += (
+                f", diffusers {d['peak_step_mb']:.0f} MB (ratio hfgen/diffusers "
+                f"{h['peak_step_mb'] / max(d['peak_step_mb'], 1e-9):.2f}); process totals "
+                f"{h['peak_total_mb']:.0f} / {d['peak_total_mb']:.0f} MB"
+            )
+        lines.append(line)
+    return lines
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    """--quick and the thread default: tiny models, batch 4, 2 rounds, 1 thread."""
     if args.threads is None:
         args.threads = 1 if args.quick else 2
+    if args.quick:
+        args.size, args.batch_size, args.repeats, args.matmul_size = "quick", 4, 2, 256
+        args.memory_batch_size = 8
+
+
+def main(args: argparse.Namespace) -> dict:
+    apply_quick(args)
     torch.set_num_threads(args.threads)
     if args.memory_worker:
         print(json.dumps(memory_worker(args.memory_worker, args.size, args.memory_batch_size)))
         return {}
-    if args.quick:
-        args.size, args.batch_size, args.repeats, args.matmul_size = "quick", 4, 2, 256
-        args.memory_batch_size = 8
     compile_on = not args.quick if args.compile is None else args.compile
     backend = args.compile_backend or ("eager" if args.quick else "inductor")
     variants = [v for v in args.variants.split(",") if compile_on or not v.startswith("compiled")]
@@ -417,70 +517,21 @@ def main(args: argparse.Namespace) -> dict:
         for name in names:
             results["variants"][name] = {}
             for variant in fam_variants:
-                key = f"{name}/{variant}"
-                has_train = f"{key}/train" in med
-                tr, sa = med[f"{key}/train"][clock] if has_train else None, med[f"{key}/sample"][clock]
-                compile_s = None
-                if variant.startswith("compiled"):
-                    steps = ("train", "sample") if has_train else ("sample",)
-                    compile_s = sum(first[f"{key}/{step}"] - med[f"{key}/{step}"]["wall"] for step in steps)
-                gf_tr = flops[name]["train"] / tr / 1e9 if has_train else None
-                gf_sa = flops[name]["sample"] / sa / 1e9
-                row = {
-                    "params": params[name],
-                    "train_s": tr,
-                    "sample_s": sa,
-                    "train_img_s": args.batch_size / tr if has_train else None,
-                    "sample_img_s": args.batch_size / sa,
-                    "train_gflop": flops[name]["train"] / 1e9,
-                    "sample_gflop": flops[name]["sample"] / 1e9,
-                    "train_gflops": gf_tr,
-                    "sample_gflops": gf_sa,
-                    "train_wall_s": med[f"{key}/train"]["wall"] if has_train else None,
-                    "sample_wall_s": med[f"{key}/sample"]["wall"],
-                    "compile_s": compile_s,
-                }
+                row = variant_row(med, first, flops, params, name, variant, args.batch_size, clock)
                 results["variants"][name][variant] = row
                 if variant == "eager":
                     results["pairs"][name] = row
-                own = "-"
-                if "eager" in fam_variants:
-                    eager = f"{name}/eager"
-                    own = (
-                        f"{fmt(speed_ratio(med, key, eager, 'train', clock))}, "
-                        f"{fmt(speed_ratio(med, key, eager, 'sample', clock))}"
-                    )
-                train_cells = "-" if gf_tr is None else f"{gf_tr:.1f} ({100 * gf_tr / peak:.0f}%)"
                 lines.append(
-                    f"| {name} | {variant} | {params[name] / 1e6:.3f}M | {fmt(row['train_img_s'], '.1f', '')} | "
-                    f"{row['sample_img_s']:.1f} | {own} | {train_cells} | "
-                    f"{gf_sa:.1f} ({100 * gf_sa / peak:.0f}%) | {fmt(compile_s, '.0f', '')} |"
+                    variant_line(name, variant, row, own_eager_cell(med, name, variant, fam_variants, clock), peak)
                 )
         if len(names) < 2:
             continue
-        h, d = names
-        if "eager" in fam_variants:
-            results["pairs"][family] = {
-                "param_ratio": params[h] / params[d],
-                "train_speed_ratio": speed_ratio(med, f"{h}/eager", f"{d}/eager", "train", clock),
-                "sample_speed_ratio": speed_ratio(med, f"{h}/eager", f"{d}/eager", "sample", clock),
-                "train_wall_ratio": speed_ratio(med, f"{h}/eager", f"{d}/eager", "train", "wall"),
-                "sample_wall_ratio": speed_ratio(med, f"{h}/eager", f"{d}/eager", "sample", "wall"),
-            }
-        results["ratios"][family] = {}
-        for hv, dv in comparisons(fam_variants):
-            a, b = f"{h}/{hv}", f"{d}/{dv}"
-            r = {
-                "train": speed_ratio(med, a, b, "train", clock),
-                "sample": speed_ratio(med, a, b, "sample", clock),
-                "train_wall": speed_ratio(med, a, b, "train", "wall"),
-                "sample_wall": speed_ratio(med, a, b, "sample", "wall"),
-            }
-            results["ratios"][family][f"{hv} / {dv}"] = r
-            summary.append(
-                f"| {family} | {hv} | {dv} | {fmt(r['train'])} | {fmt(r['sample'])} | "
-                f"{fmt(r['train_wall'])}, {fmt(r['sample_wall'])} |"
-            )
+        pair, results["ratios"][family], family_lines = compare_libraries(
+            med, names, params, fam_variants, clock, family
+        )
+        if pair is not None:
+            results["pairs"][family] = pair
+        summary.extend(family_lines)
     lines.append("")
     if summary:
         ratios = ", ".join(f"{f} {results['pairs'][f]['param_ratio']:.3f}" for f in families if f in results["pairs"])
@@ -496,23 +547,8 @@ def main(args: argparse.Namespace) -> dict:
         lines.extend(profiles)
     if args.memory and device.type == "cpu":
         names = [f"{family}_{lib}" for family in families for lib in FAMILIES[family]]
-        mem = measure_memory(names, args.size, args.memory_batch_size, args.threads)
-        results["memory"] = mem
-        lines.append(
-            f"\nPeak resident memory of one eager training step at batch {args.memory_batch_size} (fresh process "
-            "each):\n"
-        )
-        for family in families:
-            h = mem[f"{family}_hfgen"]
-            line = f"- {family}: hfgen {h['peak_step_mb']:.0f} MB"
-            if f"{family}_diffusers" in mem:
-                d = mem[f"{family}_diffusers"]
-                line += (
-                    f", diffusers {d['peak_step_mb']:.0f} MB (ratio hfgen/diffusers "
-                    f"{h['peak_step_mb'] / max(d['peak_step_mb'], 1e-9):.2f}); process totals "
-                    f"{h['peak_total_mb']:.0f} / {d['peak_total_mb']:.0f} MB"
-                )
-            lines.append(line)
+        results["memory"] = measure_memory(names, args.size, args.memory_batch_size, args.threads)
+        lines.extend(memory_lines(results["memory"], families, args.memory_batch_size))
     write_results("\n".join(lines) + "\n", args.results)
     return results
 
