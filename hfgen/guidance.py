@@ -12,6 +12,8 @@ extra row) and the empty caption "" (encoded and padded like any prompt).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 NULL_CAPTION = ""
@@ -31,9 +33,11 @@ def guidance_enabled(guidance_scale: float) -> bool:
 
 
 def check_guidance_scale(guidance_scale: float) -> None:
-    """Raise unless s >= 1."""
+    """Raise unless s is a number >= 1 (diffusers reads any s <= 1 as "no guidance"; here that is s = 1)."""
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+        raise ValueError(f"guidance_scale must be a number >= 1, got {guidance_scale!r}")
     if not guidance_scale >= 1.0:
-        raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
+        raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance; diffusers' 0 is 1 here), got {guidance_scale}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from hfgen import objectives
@@ -40,10 +41,15 @@ def check_output_type(output_type: str) -> None:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
 
+def check_positive_int(name: str, value: int) -> None:
+    """Raise unless ``value`` is an int >= 1 (bools and floats such as 64.0 refused), naming the argument."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 def check_num_inference_steps(num_inference_steps: int) -> None:
     """Raise unless ``num_inference_steps`` is an int >= 1 (bools refused)."""
-    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    check_positive_int("num_inference_steps", num_inference_steps)
 
 
 def check_generator_list(generator, batch_size: int) -> None:
@@ -55,11 +61,52 @@ def check_generator_list(generator, batch_size: int) -> None:
         )
 
 
+def callback_tensor_inputs(callback, names: list[str] | None) -> list[str] | None:
+    """The tensors a step-end callback receives: a diffusers ``PipelineCallback`` / ``MultiPipelineCallbacks``
+    declares its own (``callback.tensor_inputs``, as diffusers' pipelines read them), a plain function gets
+    ``callback_on_step_end_tensor_inputs``."""
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        return list(callback.tensor_inputs)
+    return names
+
+
 def check_callback_tensor_inputs(names: list[str] | None, accepted: list[str]) -> None:
     """Raise when ``callback_on_step_end_tensor_inputs`` names a tensor the pipeline does not pass."""
     unknown = [k for k in names or [] if k not in accepted]
     if unknown:
         raise ValueError(f"callback_on_step_end_tensor_inputs has unknown names {unknown}; accepted: {accepted}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What a callback reads of a sampling pipeline (the properties of diffusers' pipelines)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class SamplingProperties:
+    """``guidance_scale``, ``do_classifier_free_guidance``, ``num_timesteps`` and ``interrupt`` of the sampling call
+    in progress, as diffusers' pipelines expose them to ``callback_on_step_end``. A callback that sets
+    ``pipe._interrupt = True`` skips the remaining steps (diffusers' way to stop early); the images are then decoded
+    from the latents reached so far."""
+
+    _guidance_scale: float = 1.0
+    _num_timesteps: int = 0
+    _interrupt: bool = False
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return guidance_enabled(self._guidance_scale)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -171,6 +218,8 @@ def guided_model_output(
     if scale_model_input is not None:
         model_input = scale_model_input(model_input, t)
     self_conditioning = getattr(denoiser, "self_conditioning", False)
+    if prev_latents is not None and prev_latents.shape[0] > model_input.shape[0]:
+        prev_latents = prev_latents[: model_input.shape[0]]  # guidance cut off: keep the conditional half's latents
     kwargs = {"prev_latents": prev_latents} if self_conditioning else {}
     out = denoiser(model_input.to(denoiser.dtype), t, **conditioning, **kwargs)
     new_prev_latents = out.latents if self_conditioning else None
@@ -178,6 +227,12 @@ def guided_model_output(
     if model_output.shape[1] not in (C, 2 * C):
         raise ValueError(
             f"the denoiser returned {model_output.shape[1]} channels; expected {C} or {2 * C} (learned sigma)"
+        )
+    if keep_variance and model_output.shape[1] == C:
+        raise ValueError(
+            f"scheduler.config.variance_type={scheduler.config.variance_type!r} reads a learned variance, but the "
+            f"denoiser returns {C} channels (no learned sigma); use variance_type 'fixed_small' or a learned-sigma "
+            "denoiser"
         )
 
     # 2. guidance over all channels of the prediction; the variance half only where the scheduler reads it
@@ -226,7 +281,6 @@ def denoising_loop(
     pipe,
     latents: torch.Tensor,
     num_inference_steps: int,
-    guidance_scale: float,
     conditioning: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     generator=None,
     eta: float = 0.0,
@@ -238,9 +292,14 @@ def denoising_loop(
     Sample x_0 from the noise x_T with ``pipe.denoiser`` and ``pipe.scheduler``: set the schedule, then per step one
     guided model output (``guided_model_output``), ``scheduler.step`` and the callback. Returns x_0 (B, C, H, W).
 
+    The guidance scale is ``pipe.guidance_scale``, read at every step as diffusers' loops read it, so a callback
+    may lower it (e.g. set ``pipe._guidance_scale = 1.0``: guidance cut off for the remaining steps, one pass each);
+    a callback that sets ``pipe._interrupt = True`` skips the remaining steps.
+
     :param latents: x_T (B, C, H, W), unscaled (multiplied by the scheduler's ``init_noise_sigma`` here).
-    :param conditioning: ``tensors`` -> the denoiser's keyword inputs for one pass ([cond; uncond] under guidance),
-        called every step, so a callback that replaces a tensor (e.g. "prompt_embeds") changes the next step.
+    :param conditioning: ``tensors`` -> the denoiser's keyword inputs for one pass ([cond; uncond] under guidance,
+        following ``pipe.do_classifier_free_guidance``), called every step, so a callback that replaces a tensor
+        (e.g. "prompt_embeds") or the guidance scale changes the next step.
     :param tensors: the pipeline's tensors a callback may read and replace, besides "latents" and
         "pred_original_sample" (x_0 hat of the step); a returned dict replaces those of its keys that are known.
     """
@@ -248,6 +307,7 @@ def denoising_loop(
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps
     pipe._num_timesteps = len(timesteps)
+    pipe._interrupt = False
     latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # sigma_max for Euler-type schedulers
     extra_step_kwargs = step_kwargs(scheduler, generator, eta)
     keep_variance = keeps_variance(scheduler)
@@ -255,8 +315,17 @@ def denoising_loop(
 
     prev_latents = None
     for i, t in enumerate(pipe.progress_bar(timesteps)):
+        if pipe._interrupt:  # set by a callback: skip the remaining steps, as diffusers does
+            continue
         model_output, prev_latents = guided_model_output(
-            pipe.denoiser, scheduler, latents, t, guidance_scale, keep_variance, prev_latents, **conditioning(tensors)
+            pipe.denoiser,
+            scheduler,
+            latents,
+            t,
+            pipe.guidance_scale,
+            keep_variance,
+            prev_latents,
+            **conditioning(tensors),
         )
         step = scheduler.step(model_output, t, latents, **extra_step_kwargs)
         if callback_on_step_end is not None:
@@ -272,8 +341,65 @@ def denoising_loop(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Decode and post-process
+# Images in (inversion, reconstruction), decode and post-process
 # ----------------------------------------------------------------------------------------------------------------------
+
+ImageInput = PIL.Image.Image | list | np.ndarray | torch.Tensor
+
+
+def images_to_tensor(images: ImageInput, channels: int) -> torch.Tensor:
+    """
+    Images as diffusers users hold them -> float tensor (B, ``channels``, H, W) in [-1, 1]:
+
+    - PIL image(s), converted to "L" or "RGB" by ``channels``;
+    - a numpy array (B, H, W[, C]) or (H, W[, C]): uint8 in [0, 255], or float in [0, 1] (``output_type="np"``);
+    - a tensor (B, C, H, W) or (C, H, W): uint8 in [0, 255] (``torchvision.io.read_image``), or float in [-1, 1]
+      (not range-checked: latents from ``output_type="latent"`` pass through here too).
+    """
+    if isinstance(images, PIL.Image.Image):
+        images = [images]
+    if isinstance(images, list):
+        if not images or not all(isinstance(im, PIL.Image.Image) for im in images):
+            raise ValueError("images given as a list must be a non-empty list of PIL images")
+        mode = "L" if channels == 1 else "RGB"
+        images = np.stack([np.asarray(im.convert(mode), dtype=np.uint8) for im in images])
+    if isinstance(images, np.ndarray):
+        x = numpy_images_to_tensor(images, channels)
+    elif isinstance(images, torch.Tensor):
+        x = images[None] if images.ndim == 3 else images
+        if x.ndim != 4:
+            raise ValueError(f"image tensors must have shape (B, C, H, W) or (C, H, W), got {tuple(images.shape)}")
+        if x.dtype == torch.uint8:
+            x = x.float() / 127.5 - 1.0
+        elif not x.is_floating_point():
+            raise ValueError(f"image tensors must be uint8 in [0, 255] or float in [-1, 1], got dtype {x.dtype}")
+    else:
+        raise TypeError(f"images must be PIL images, a numpy array or a tensor, got {type(images).__name__}")
+    if x.shape[1] != channels:
+        raise ValueError(
+            f"images must have {channels} channels (the model's in_channels), got shape {tuple(x.shape)} read as "
+            "(B, C, H, W)"
+        )
+    return x.float()
+
+
+def numpy_images_to_tensor(images: np.ndarray, channels: int) -> torch.Tensor:
+    """uint8 [0, 255] or float [0, 1] array (B, H, W[, C]) / (H, W[, C]) -> float tensor (B, C, H, W) in [-1, 1]."""
+    if images.dtype == np.uint8:
+        x = torch.from_numpy(images.copy()).float() / 127.5 - 1.0
+    elif np.issubdtype(images.dtype, np.floating):
+        lo, hi = (float(images.min()), float(images.max())) if images.size else (0.0, 0.0)
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"float numpy images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+        x = torch.from_numpy(images.astype(np.float32)) * 2 - 1
+    else:
+        raise ValueError(f"numpy images must be uint8 in [0, 255] or float in [0, 1], got dtype {images.dtype}")
+    if x.ndim == 2 or (x.ndim == 3 and channels == 1 and x.shape[-1] != 1):
+        x = x[..., None]  # (..., H, W, 1)
+    x = x[None] if x.ndim == 3 else x  # (B, H, W, C)
+    if x.ndim != 4:
+        raise ValueError(f"numpy images must have shape (B, H, W[, C]) or (H, W[, C]), got {images.shape}")
+    return x.permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:

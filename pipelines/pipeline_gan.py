@@ -18,6 +18,7 @@ from diffusers.image_processor import VaeImageProcessor
 from .denoising import (
     check_generator_list,
     check_output_type,
+    check_positive_int,
     draw_noise,
     first_generator,
     generator_device,
@@ -70,8 +71,7 @@ class HFGenGANPipeline(HFGenHubMixin, DiffusionPipeline):
         cfg = self.generator.config
         device, dtype = self._execution_device, self.generator.dtype
         if latents is None:
-            if batch_size < 1:
-                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            check_positive_int("batch_size", batch_size)
             check_generator_list(generator, batch_size)
         elif latents.ndim != 2 or latents.shape[1] != cfg.latent_dim:
             raise ValueError(f"latents must have shape (B, {cfg.latent_dim}), got {tuple(latents.shape)}")

@@ -26,6 +26,8 @@ from hfgen.guidance import (
 from hfgen.schedulers import DDIMScheduler as HFGenDDIMScheduler
 
 from .denoising import (
+    SamplingProperties,
+    callback_tensor_inputs,
     check_callback_tensor_inputs,
     check_generator_list,
     check_num_inference_steps,
@@ -35,6 +37,7 @@ from .denoising import (
     draw_noise,
     guided_model_output,
     image_output,
+    images_to_tensor,
     is_flow_matching,
     postprocess_images,
     pred_original_sample,
@@ -43,7 +46,7 @@ from .denoising import (
 from .hub import HFGenHubMixin
 
 
-class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
+class HFGenPipeline(SamplingProperties, HFGenHubMixin, DiffusionPipeline):
     """
     :param denoiser: an hfgen denoiser; reads ``config.in_channels``, ``sample_size``, ``num_classes``.
         Its output has ``in_channels`` channels, or ``2 * in_channels`` (DiT ``learn_sigma``: prediction, variance).
@@ -67,19 +70,12 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
             )
         self.register_modules(denoiser=denoiser, scheduler=scheduler, vae=vae)
 
-    # --- properties (as in diffusers) ----------------------------------------------------------------------------
+    # --- properties (guidance_scale, num_timesteps, interrupt: SamplingProperties, as in diffusers) ------------------
 
     @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return guidance_enabled(self._guidance_scale)
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
+    def image_channels(self) -> int:
+        """Channels of the images the pipeline returns and ``invert`` takes: the VAE's, else the denoiser's."""
+        return (self.vae or self.denoiser).config.in_channels
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -210,9 +206,14 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
             the denoiser sees it: VAE latents times scaling_factor, or the [-1, 1] image without a VAE).
         :param callback_on_step_end: ``fn(pipe, i, t, callback_kwargs)`` after each step; ``callback_kwargs`` holds the
             names of ``callback_on_step_end_tensor_inputs``: "latents" (x_{t'} after the step) and
-            "pred_original_sample" (x_0 hat). A returned dict with "latents" replaces x_{t'}.
+            "pred_original_sample" (x_0 hat). A returned dict with "latents" replaces x_{t'}. A diffusers
+            ``PipelineCallback`` brings its own ``tensor_inputs``; setting ``pipe._interrupt = True`` skips the
+            remaining steps.
         """
         # 1. check inputs
+        callback_on_step_end_tensor_inputs = callback_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         if batch_size is None:
             batch_size = self._default_batch_size(class_labels, generator, latents)
         labels, guidance_scale = self.check_inputs(
@@ -234,13 +235,11 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
         latents = latents.to(device=device, dtype=torch.float32)
 
         # 3. the label input of each step, then the denoising loop (model, guidance, scheduler.step, callback)
-        cond = self._conditioning(labels, batch_size, guidance_scale, device)
         latents = denoising_loop(
             self,
             latents,
             num_inference_steps,
-            guidance_scale,
-            lambda _: cond,
+            lambda _: self._conditioning(labels, batch_size, self.guidance_scale, device),
             generator,
             eta,
             callback_on_step_end,
@@ -274,9 +273,10 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
         ``FlowMatchEulerDiscreteScheduler`` with the scheduler's config. Inversion is exact only up to the change of
         the model output between neighbouring steps: more steps, smaller error.
 
-        :param images: (B, C, H, W) tensor in [-1, 1], PIL image(s), or (B, H, W, C) array in [0, 1].
+        :param images: (B, C, H, W) tensor in [-1, 1] (or uint8 in [0, 255]), PIL image(s), or a (B, H, W, C)
+            array in [0, 1] (or uint8); see ``hfgen.pipelines.denoising.images_to_tensor``.
         """
-        images = self._images_to_tensor(images)
+        images = images_to_tensor(images, self.image_channels)
         batch_size = images.shape[0]
         labels, guidance_scale = self.check_inputs(
             batch_size, num_inference_steps, None, None, class_labels, guidance_scale, "pt", []
@@ -332,23 +332,6 @@ class HFGenPipeline(HFGenHubMixin, DiffusionPipeline):
             )
             x = x + (sigma_next - sigma) * u
         return x
-
-    def _images_to_tensor(self, images) -> torch.Tensor:
-        """PIL / list of PIL / (B, H, W, C) array in [0, 1] / (B, C, H, W) tensor in [-1, 1] -> float (B, C, H, W)."""
-        if isinstance(images, PIL.Image.Image):
-            images = [images]
-        if isinstance(images, list):
-            images = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
-            if images.ndim == 3:  # grayscale
-                images = images[..., None]
-        if isinstance(images, np.ndarray):
-            images = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise TypeError(
-                "images must be a (B, C, H, W) tensor in [-1, 1], PIL image(s) or a (B, H, W, C) array in [0, 1], "
-                f"got {type(images).__name__}"
-            )
-        return images.float()
 
     # --- model card -------------------------------------------------------------------------------------------------
 

@@ -18,12 +18,15 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from hfgen.clip import tokenize
-from hfgen.guidance import NULL_CAPTION, TEXT_GUIDANCE_SCALE, check_guidance_scale, guidance_enabled, stack_conditions
+from hfgen.guidance import NULL_CAPTION, TEXT_GUIDANCE_SCALE, check_guidance_scale, stack_conditions
 
 from .denoising import (
+    SamplingProperties,
+    callback_tensor_inputs,
     check_callback_tensor_inputs,
     check_num_inference_steps,
     check_output_type,
+    check_positive_int,
     decode_latents,
     denoising_loop,
     draw_noise,
@@ -51,7 +54,7 @@ def check_attention_masks(
             raise ValueError(f"{name}_attention_mask needs {name}_embeds and must have their shape (B, L)")
 
 
-class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
+class HFGenTextToImagePipeline(SamplingProperties, HFGenHubMixin, DiffusionPipeline):
     """
     :param denoiser: an hfgen denoiser with ``config.cross_attention_dim`` equal to the text encoder's hidden size
         (or None, with ``scheduler=None``, for a pipeline that only runs ``encode_prompt``, as in diffusers);
@@ -92,19 +95,7 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
             denoiser=denoiser, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae
         )
 
-    # --- properties (as in diffusers) ----------------------------------------------------------------------------
-
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return guidance_enabled(self._guidance_scale)
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
+    # --- properties (guidance_scale, num_timesteps, interrupt: SamplingProperties, as in diffusers) ------------------
 
     @property
     def vae_scale_factor(self) -> int:
@@ -240,8 +231,9 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
 
         # 3. numbers
         check_num_inference_steps(num_inference_steps)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
+        check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        check_positive_int("height", height)
+        check_positive_int("width", width)
         check_guidance_scale(guidance_scale)
         f = self.denoiser.downsample_factor * self.vae_scale_factor
         if height % f or width % f or height < f or width < f:
@@ -316,7 +308,8 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
             ``callback_on_step_end_tensor_inputs`` ("latents", "pred_original_sample" (x_0 hat, from
             ``alphas_cumprod`` for schedulers whose step does not return it), "prompt_embeds",
             "negative_prompt_embeds"); a returned dict with "latents" / "prompt_embeds" /
-            "negative_prompt_embeds" replaces them.
+            "negative_prompt_embeds" replaces them. A diffusers ``PipelineCallback`` brings its own
+            ``tensor_inputs``; setting ``pipe._interrupt = True`` skips the remaining steps.
         """
         # 1. check inputs
         if self.denoiser is None or self.scheduler is None:
@@ -324,6 +317,9 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
                 "this HFGenTextToImagePipeline has no denoiser or scheduler (built for encode_prompt only); "
                 "pass both to sample"
             )
+        callback_on_step_end_tensor_inputs = callback_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         default_size = self.denoiser.config.sample_size * self.vae_scale_factor
         height = default_size if height is None else height
         width = default_size if width is None else width
@@ -388,7 +384,6 @@ class HFGenTextToImagePipeline(HFGenHubMixin, DiffusionPipeline):
             self,
             latents,
             num_inference_steps,
-            self.guidance_scale,
             conditioning,
             generator,
             eta,

@@ -10,46 +10,23 @@ Images are in [-1, 1] inside the pipeline. ``output_type`` "pil" / "np" / "pt" p
 
 from __future__ import annotations
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 
-from .denoising import check_generator_list, check_output_type, draw_noise, image_output, vae_scale_factor
+from .denoising import (
+    ImageInput,
+    check_generator_list,
+    check_output_type,
+    check_positive_int,
+    draw_noise,
+    image_output,
+    images_to_tensor,
+    vae_scale_factor,
+)
 from .hub import HFGenHubMixin
 
 INTERPOLATION_METHODS = ("linear", "slerp")
-
-ImageInput = PIL.Image.Image | list | np.ndarray | torch.Tensor
-
-
-def images_to_tensor(images: ImageInput, channels: int) -> torch.Tensor:
-    """
-    PIL image(s), a uint8 numpy array (B, H, W[, C]) or (H, W[, C]), or a float tensor (B, C, H, W) / (C, H, W)
-    already in [-1, 1] -> float tensor (B, channels, H, W) in [-1, 1].
-    """
-    if isinstance(images, torch.Tensor):
-        x = images[None] if images.ndim == 3 else images
-        if x.ndim != 4:
-            raise ValueError(f"image tensors must have shape (B, C, H, W) or (C, H, W), got {tuple(images.shape)}")
-        return x.float()
-    if isinstance(images, PIL.Image.Image):
-        images = [images]
-    if isinstance(images, list):
-        if not images or not all(isinstance(im, PIL.Image.Image) for im in images):
-            raise ValueError("images given as a list must be a non-empty list of PIL images")
-        mode = "L" if channels == 1 else "RGB"
-        images = np.stack([np.asarray(im.convert(mode), dtype=np.uint8) for im in images])
-    if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8:
-            raise ValueError(f"numpy images must be uint8 in [0, 255], got dtype {images.dtype}")
-        x = torch.from_numpy(images.copy()).float() / 127.5 - 1.0
-        if x.ndim == 2 or (x.ndim == 3 and channels == 1 and x.shape[-1] != 1):
-            x = x[..., None]  # (..., H, W, 1)
-        x = x[None] if x.ndim == 3 else x  # (B, H, W, C)
-        return x.permute(0, 3, 1, 2)  # (B, C, H, W)
-    raise TypeError(f"images must be PIL images, a uint8 numpy array or a tensor, got {type(images).__name__}")
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -126,8 +103,7 @@ class HFGenVAEPipeline(HFGenHubMixin, DiffusionPipeline):
         side = cfg.sample_size // self.vae_scale_factor
         shape = (batch_size, cfg.latent_channels, side, side)
         if latents is None:
-            if batch_size < 1:
-                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            check_positive_int("batch_size", batch_size)
             check_generator_list(generator, batch_size)
             # 2. draw from the prior on the generator's device (CPU by default) in float32, one draw per generator
             latents = draw_noise(shape, generator, dtype=torch.float32)

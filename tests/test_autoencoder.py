@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
@@ -216,6 +217,29 @@ def test_pipeline_bad_inputs():
         pipe.interpolate(image, image, num_steps=1)
     with pytest.raises(ValueError, match="divisible by 4"):
         pipe.reconstruct(torch.zeros(1, 3, 10, 16))
+    with pytest.raises(ValueError, match=r"images must have 3 channels .*got shape \(1, 1, 16, 16\)"):
+        pipe.reconstruct(torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="image tensors must be uint8 in \\[0, 255\\] or float .*torch.int64"):
+        pipe.reconstruct(torch.zeros(1, 3, 16, 16, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"float numpy images must be in \[0, 1\], got values in \[200, 200\]"):
+        pipe.reconstruct(np.full((1, 16, 16, 3), 200.0, np.float32))
+
+
+def test_pipeline_reads_every_image_form_alike():
+    """uint8 arrays and tensors are [0, 255] (np.asarray(pil), torchvision's read_image), float arrays [0, 1]
+    (output_type="np"), float tensors [-1, 1]: the same pixels give the same reconstruction whichever form holds them."""
+    pipe = HFGenVAEPipeline(vae=tiny(VAEModel))
+    u8 = torch.randint(0, 256, (2, 16, 16, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    expected = pipe.reconstruct(u8.permute(0, 3, 1, 2).float() / 127.5 - 1, output_type="pt").images
+    forms = {
+        "uint8 array": u8.numpy(),
+        "uint8 tensor": u8.permute(0, 3, 1, 2).contiguous(),
+        "float array": u8.numpy().astype(np.float32) / 255,
+        "PIL": [PIL.Image.fromarray(im) for im in u8.numpy()],
+    }
+    for name, images in forms.items():
+        got = pipe.reconstruct(images, output_type="pt").images
+        assert_close_float32(got, expected, num_eps=256, floor=1.0, msg=name)  # /255 vs /127.5 rounding, 1 ulp
 
 
 # ----------------------------------------------------------------------------------------------------------------------

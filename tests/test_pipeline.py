@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler as DiffusersDDIMScheduler
 from diffusers import PNDMScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from tolerances import assert_close_float32
 
 from hfgen import UNET_PRESETS, HFGenPipeline, UNetModel
@@ -276,6 +277,80 @@ def test_callback_can_replace_latents(pipe):
     torch.testing.assert_close(images, torch.full_like(images, 0.5))
 
 
+class RecordTensors(PipelineCallback):
+    """A diffusers-style callback object: it declares the tensors it reads (``tensor_inputs``) itself."""
+
+    tensor_inputs = ["latents", "pred_original_sample"]
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        self.seen.append(sorted(callback_kwargs))
+        return callback_kwargs
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_pipeline_callback_objects_get_the_tensors_they_declare(pipe, multi):
+    """As in diffusers, a PipelineCallback / MultiPipelineCallbacks brings its own tensor_inputs in place of the
+    default ["latents"] of callback_on_step_end_tensor_inputs."""
+    record = RecordTensors()
+    callback = MultiPipelineCallbacks([record]) if multi else record
+    pipe(num_inference_steps=STEPS, generator=gen(), output_type="pt", callback_on_step_end=callback)
+    assert record.seen == [["latents", "pred_original_sample"]] * STEPS
+
+
+def test_interrupt_skips_the_remaining_steps_and_the_next_call_runs_them_all():
+    """diffusers' early stop: a callback sets pipe._interrupt; the loop skips the rest and the images come from the
+    latents reached so far. The flag is reset by the next call."""
+    pipe = make_pipe(tiny_unet(seed=1), DDIMScheduler(clip_sample=False))
+    sizes = count_calls(pipe.denoiser)
+
+    def stop_after_first(p, i, t, kwargs):
+        p._interrupt = True
+        return {}
+
+    early = pipe(
+        num_inference_steps=STEPS, generator=gen(), output_type="latent", callback_on_step_end=stop_after_first
+    )
+    assert len(sizes) == 1 and pipe.interrupt
+    one_step = make_pipe(pipe.denoiser, DDIMScheduler(clip_sample=False))
+    one_step.scheduler.set_timesteps(STEPS)
+    latents = torch.randn(1, 3, 8, 8, generator=gen())
+    with torch.no_grad():
+        t = one_step.scheduler.timesteps[0]
+        expected = one_step.scheduler.step(pipe.denoiser(latents, t).sample, t, latents).prev_sample
+    assert_close_float32(early.images, expected, num_eps=64)
+    sizes.clear()
+    pipe(num_inference_steps=STEPS, generator=gen(), output_type="latent")
+    assert len(sizes) == STEPS and not pipe.interrupt
+
+
+@pytest.mark.parametrize("family", ["unet", "rin"])
+def test_a_callback_can_cut_guidance_off(family):
+    """A callback that lowers pipe._guidance_scale to 1 (diffusers' CFG-cutoff callbacks do this) turns the
+    remaining steps into single conditional passes; the RIN then carries the conditional half of its latents."""
+    if family == "unet":
+        denoiser = tiny_unet(num_classes=3)
+    else:
+        torch.manual_seed(0)
+        denoiser = randomize_zero_params(RINModel(**RIN_PRESETS["RIN-tiny"], sample_size=8, num_classes=3))
+    pipe = make_pipe(denoiser, DDIMScheduler())
+    sizes = count_calls(denoiser)
+
+    def cutoff(p, i, t, kwargs):
+        if i == 0:
+            p._guidance_scale = 1.0
+        return {}
+
+    out = pipe(
+        batch_size=2, num_inference_steps=STEPS, class_labels=[0, 1], guidance_scale=3.0, callback_on_step_end=cutoff
+    )
+    assert sizes == [4] + [2] * (STEPS - 1) and not pipe.do_classifier_free_guidance
+    assert len(out.images) == 2
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # DDIM inversion
 # ----------------------------------------------------------------------------------------------------------------------
@@ -309,6 +384,17 @@ def test_invert_accepts_pil(pipe):
     pil = pipe(batch_size=2, num_inference_steps=STEPS, generator=gen(), output_type="pil").images
     noise = make_pipe(pipe.denoiser, DDIMScheduler()).invert(pil, num_inference_steps=STEPS)
     assert noise.shape == (2, 3, 8, 8) and torch.isfinite(noise).all()
+
+
+def test_invert_reads_uint8_images_as_0_255(pipe):
+    """np.asarray(pil) and torchvision's read_image hold [0, 255] uint8: inverted like the same pixels in [-1, 1]
+    (uint8 arithmetic used to wrap around: 200 * 2 - 1 = 143)."""
+    pipe = make_pipe(pipe.denoiser, DDIMScheduler(clip_sample=False))
+    u8 = torch.randint(0, 256, (2, 8, 8, 3), generator=gen(3), dtype=torch.uint8)
+    expected = pipe.invert(u8.permute(0, 3, 1, 2).float() / 127.5 - 1, num_inference_steps=STEPS)
+    for images in (u8.numpy(), u8.permute(0, 3, 1, 2).contiguous()):
+        got = pipe.invert(images, num_inference_steps=STEPS)
+        assert_close_float32(got, expected, num_eps=256, floor=1.0)  # the same values; NCHW vs NHWC conv kernels
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.utils import load as accelerate_load
+from diffusers import DDPMScheduler as DiffusersDDPMScheduler
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import EMAModel
 from PIL import Image
@@ -407,6 +408,24 @@ ROWS = [
     ),
     R("pipe-batch-size", lambda: pipe_call(pipe(), batch_size=0), ValueError, r"batch_size must be an int >= 1, got 0"),
     R(
+        "pipe-invert-channels",
+        lambda: pipe().invert(x(1, 1, 8, 8), num_inference_steps=1),
+        ValueError,
+        r"images must have 3 channels \(the model's in_channels\), got shape \(1, 1, 8, 8\)",
+    ),
+    R(
+        "pipe-invert-numpy-range",
+        lambda: pipe().invert(np.full((1, 8, 8, 3), 255.0, np.float32), num_inference_steps=1),
+        ValueError,
+        r"float numpy images must be in \[0, 1\], got values in \[255, 255\]",
+    ),
+    R(
+        "pipe-learned-variance-without-learned-sigma",
+        lambda: pipe_call(_quiet(HFGenPipeline(unet(), DiffusersDDPMScheduler(variance_type="learned_range")))),
+        ValueError,
+        r"variance_type='learned_range' reads a learned variance, but the denoiser returns 3 channels",
+    ),
+    R(
         "pipe-steps",
         lambda: pipe_call(pipe(), num_inference_steps=T + 5),
         ValueError,
@@ -434,6 +453,14 @@ ROWS = [
         r"prompt must be a string or a list of strings, got int",
     ),
     R("t2i-guidance", lambda: t2i_call(guidance_scale=0.5), ValueError, r"guidance_scale must be >= 1.*got 0.5"),
+    R("t2i-guidance-type", lambda: t2i_call(guidance_scale="3"), ValueError, r"guidance_scale must be a number.*'3'"),
+    R("t2i-height-float", lambda: t2i_call(height=8.0), ValueError, r"height must be an int >= 1, got 8.0"),
+    R(
+        "t2i-images-per-prompt-bool",
+        lambda: t2i_call(num_images_per_prompt=True),
+        ValueError,
+        r"num_images_per_prompt must be an int >= 1, got True",
+    ),
     R(
         "t2i-embeds-width",
         lambda: t2i_call(prompt=None, prompt_embeds=x(1, 8, 5)),
@@ -454,6 +481,12 @@ ROWS = [
         r"generator is a list of 1 generators, but batch_size is 3",
     ),
     R("vae-pipe-output-type", lambda: vae_pipe()(output_type="jpg"), ValueError, r"output_type must be one of .*'jpg'"),
+    R(
+        "vae-pipe-batch-float",
+        lambda: vae_pipe()(batch_size=1.5),
+        ValueError,
+        r"batch_size must be an int >= 1, got 1.5",
+    ),
     R(
         "vae-pipe-latents",
         lambda: vae_pipe()(latents=x(1, 3, 2, 2)),
@@ -494,6 +527,7 @@ ROWS = [
     ),
     R("gan-pipe-latents", lambda: gan_pipe()(latents=x(2, 3)), ValueError, r"latents must have shape \(B, 16\)"),
     R("gan-pipe-truncation", lambda: gan_pipe()(truncation=0.0), ValueError, r"truncation must be > 0, got 0.0"),
+    R("gan-pipe-batch-float", lambda: gan_pipe()(batch_size=2.0), ValueError, r"batch_size must be an int >= 1"),
     # --- training scripts: arguments --------------------------------------------------------------------------------
     R(
         "train_diffusion-resolution",
