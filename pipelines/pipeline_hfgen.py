@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
@@ -26,6 +25,7 @@ from hfgen.guidance import (
 from hfgen.schedulers import DDIMScheduler as HFGenDDIMScheduler
 
 from .denoising import (
+    ImageInput,
     SamplingProperties,
     callback_tensor_inputs,
     check_callback_tensor_inputs,
@@ -75,7 +75,7 @@ class HFGenPipeline(SamplingProperties, HFGenHubMixin, DiffusionPipeline):
     @property
     def image_channels(self) -> int:
         """Channels of the images the pipeline returns and ``invert`` takes: the VAE's, else the denoiser's."""
-        return (self.vae or self.denoiser).config.in_channels
+        return (self.vae if self.vae is not None else self.denoiser).config.in_channels
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -259,7 +259,7 @@ class HFGenPipeline(SamplingProperties, HFGenHubMixin, DiffusionPipeline):
     @torch.no_grad()
     def invert(
         self,
-        images: torch.Tensor | PIL.Image.Image | list[PIL.Image.Image] | np.ndarray,
+        images: ImageInput,
         num_inference_steps: int = 50,
         class_labels: int | list[int] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
