@@ -32,6 +32,7 @@ from .denoising import (
     check_generator_list,
     check_num_inference_steps,
     check_output_type,
+    check_positive_int,
     decode_latents,
     denoising_loop,
     draw_noise,
@@ -102,8 +103,7 @@ class HFGenPipeline(SamplingProperties, HFGenHubMixin, DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str],
     ) -> tuple[torch.Tensor | None, float]:
         """Raise on bad arguments; return (labels (B,) long or None, guidance scale with its default filled in)."""
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        check_positive_int("batch_size", batch_size)
         check_num_inference_steps(num_inference_steps)
         check_generator_list(generator, batch_size)
         check_output_type(output_type)
