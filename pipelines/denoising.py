@@ -163,6 +163,45 @@ def is_flow_matching(scheduler) -> bool:
     )
 
 
+def image_seq_len(denoiser, latents: torch.Tensor) -> int:
+    """The number of image tokens the denoiser sees in ``latents`` (B, C, H, W): (H / p) (W / p), p its
+    ``config.patch_size`` (a DiT's or RIN's patches), 1 for a U-Net (one token per pixel)."""
+    p = denoiser.config.get("patch_size", None) or 1
+    return (latents.shape[-2] // p) * (latents.shape[-1] // p)
+
+
+def dynamic_shift_mu(config, seq_len: int) -> float:
+    """diffusers' ``calculate_shift``: the ``mu`` of resolution-dependent shifting, linear in the image's token count
+    from ``base_shift`` at ``base_image_seq_len`` tokens to ``max_shift`` at ``max_image_seq_len`` (the scheduler
+    config's values; diffusers' defaults 0.5 at 256 and 1.15 at 4096)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return base_shift + slope * (seq_len - base_len)
+
+
+def set_timesteps(scheduler, num_inference_steps: int, latents: torch.Tensor, denoiser, mu: float | None = None):
+    """
+    ``scheduler.set_timesteps`` on ``latents``' device, with ``mu`` where the scheduler takes one, as diffusers'
+    SD3 and Flux pipelines pass it: ``mu`` when given, else, for a scheduler with ``use_dynamic_shifting`` (e.g. a
+    Flux-style ``FlowMatchEulerDiscreteScheduler`` config), ``dynamic_shift_mu`` of the image's token count
+    (``image_seq_len``). Without dynamic shifting a given ``mu`` is ignored, as diffusers' scheduler ignores it.
+    """
+    kwargs = {}
+    if mu is not None:
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)):
+            raise ValueError(f"mu must be a number (the dynamic-shifting exponent), got {mu!r}")
+        if "mu" not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise ValueError(
+                f"mu is for schedulers with use_dynamic_shifting (diffusers' FlowMatchEulerDiscreteScheduler); "
+                f"{type(scheduler).__name__}.set_timesteps takes no mu"
+            )
+        kwargs["mu"] = float(mu)
+    elif scheduler.config.get("use_dynamic_shifting", False):
+        kwargs["mu"] = dynamic_shift_mu(scheduler.config, image_seq_len(denoiser, latents))
+    scheduler.set_timesteps(num_inference_steps, device=latents.device, **kwargs)
+
+
 def step_kwargs(scheduler, generator, eta: float) -> dict[str, Any]:
     """
     ``eta`` and ``generator`` for schedulers whose ``step`` accepts them (as diffusers does), and
@@ -287,6 +326,7 @@ def denoising_loop(
     callback_on_step_end: Callable | None = None,
     callback_on_step_end_tensor_inputs: list[str] | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
+    mu: float | None = None,
 ) -> torch.Tensor:
     """
     Sample x_0 from the noise x_T with ``pipe.denoiser`` and ``pipe.scheduler``: set the schedule, then per step one
@@ -302,9 +342,10 @@ def denoising_loop(
         (e.g. "prompt_embeds") or the guidance scale changes the next step.
     :param tensors: the pipeline's tensors a callback may read and replace, besides "latents" and
         "pred_original_sample" (x_0 hat of the step); a returned dict replaces those of its keys that are known.
+    :param mu: for a scheduler with dynamic shifting; default: from the image's token count (``set_timesteps``).
     """
     scheduler, names = pipe.scheduler, callback_on_step_end_tensor_inputs or []
-    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    set_timesteps(scheduler, num_inference_steps, latents, pipe.denoiser, mu)
     timesteps = scheduler.timesteps
     pipe._num_timesteps = len(timesteps)
     pipe._interrupt = False

@@ -42,6 +42,7 @@ from .denoising import (
     is_flow_matching,
     postprocess_images,
     pred_original_sample,
+    set_timesteps,
     vae_scale_factor,
 )
 from .hub import HFGenHubMixin
@@ -189,6 +190,7 @@ class HFGenPipeline(SamplingProperties, HFGenHubMixin, DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict | None] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        mu: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         """
         Sample ``batch_size`` images.
@@ -209,6 +211,8 @@ class HFGenPipeline(SamplingProperties, HFGenHubMixin, DiffusionPipeline):
             "pred_original_sample" (x_0 hat). A returned dict with "latents" replaces x_{t'}. A diffusers
             ``PipelineCallback`` brings its own ``tensor_inputs``; setting ``pipe._interrupt = True`` skips the
             remaining steps.
+        :param mu: the exponent of a scheduler with ``use_dynamic_shifting`` (as in diffusers' SD3 pipeline);
+            default: diffusers' ``calculate_shift`` of the image's token count (``denoising.set_timesteps``).
         """
         # 1. check inputs
         callback_on_step_end_tensor_inputs = callback_tensor_inputs(
@@ -244,6 +248,7 @@ class HFGenPipeline(SamplingProperties, HFGenHubMixin, DiffusionPipeline):
             eta,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
+            mu=mu,
         )
 
         # 4. decode latents to images in [-1, 1], post-process to [0, 1] and the requested type
@@ -263,6 +268,7 @@ class HFGenPipeline(SamplingProperties, HFGenHubMixin, DiffusionPipeline):
         num_inference_steps: int = 50,
         class_labels: int | list[int] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
+        mu: float | None = None,
     ) -> torch.Tensor:
         """
         DDIM inversion: the noise x_T (B, C, H, W) that ``self(latents=x_T, num_inference_steps=...)`` with a DDIM
@@ -275,6 +281,8 @@ class HFGenPipeline(SamplingProperties, HFGenHubMixin, DiffusionPipeline):
 
         :param images: (B, C, H, W) tensor in [-1, 1] (or uint8 in [0, 255]), PIL image(s), or a (B, H, W, C)
             array in [0, 1] (or uint8); see ``hfgen.pipelines.denoising.images_to_tensor``.
+        :param mu: as in ``__call__``, for a flow-matching scheduler with ``use_dynamic_shifting``; pass the same
+            value to both (the default is the same for both).
         """
         images = images_to_tensor(images, self.image_channels)
         batch_size = images.shape[0]
@@ -296,16 +304,16 @@ class HFGenPipeline(SamplingProperties, HFGenHubMixin, DiffusionPipeline):
         # 2. the sampler's schedule walked from data to noise: DDIM's invert_step, or the flow ODE's Euler steps
         cond = self._conditioning(labels, batch_size, guidance_scale, device)
         invert = self._invert_flow if is_flow_matching(self.scheduler) else self._invert_ddim
-        x = invert(x, num_inference_steps, guidance_scale, cond)
+        x = invert(x, num_inference_steps, guidance_scale, cond, mu)
         self.maybe_free_model_hooks()
         return x
 
-    def _invert_ddim(self, x: torch.Tensor, num_inference_steps: int, guidance_scale: float, cond: dict):
+    def _invert_ddim(self, x: torch.Tensor, num_inference_steps: int, guidance_scale: float, cond: dict, mu=None):
         """x_0 -> x_T along DDIM's schedule (``DDIMScheduler.invert_step``)."""
         scheduler = self.scheduler
         if not isinstance(scheduler, HFGenDDIMScheduler):
             scheduler = HFGenDDIMScheduler.from_config(scheduler.config)
-        scheduler.set_timesteps(num_inference_steps, device=x.device)
+        set_timesteps(scheduler, num_inference_steps, x, self.denoiser, mu)
         prev_latents = None
         for t in self.progress_bar(scheduler.inversion_timesteps):
             model_output, prev_latents = guided_model_output(
@@ -314,14 +322,14 @@ class HFGenPipeline(SamplingProperties, HFGenHubMixin, DiffusionPipeline):
             x = scheduler.invert_step(model_output, t, x).next_sample
         return x
 
-    def _invert_flow(self, x: torch.Tensor, num_inference_steps: int, guidance_scale: float, cond: dict):
+    def _invert_flow(self, x: torch.Tensor, num_inference_steps: int, guidance_scale: float, cond: dict, mu=None):
         """x_0 -> x_1 along the flow ODE dx/dsigma = u, Euler steps up the sampler's sigmas (0 -> sigma_max), the
         velocity read at the level each step goes to (as DDIM inversion reads eps), so that the Euler sampler with
         the same steps maps the result back to x_0 up to the change of u between neighbouring steps."""
         scheduler = self.scheduler
         if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
             scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
-        scheduler.set_timesteps(num_inference_steps, device=x.device)
+        set_timesteps(scheduler, num_inference_steps, x, self.denoiser, mu)
         sigmas = scheduler.sigmas.flip(0).tolist()  # increasing: 0 (data), ..., sigma_max
         T = scheduler.config.num_train_timesteps
         prev_latents = None

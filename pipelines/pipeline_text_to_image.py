@@ -286,6 +286,7 @@ class HFGenTextToImagePipeline(SamplingProperties, HFGenHubMixin, DiffusionPipel
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict | None] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        mu: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         """
         Sample ``num_images_per_prompt`` images for each prompt.
@@ -310,6 +311,8 @@ class HFGenTextToImagePipeline(SamplingProperties, HFGenHubMixin, DiffusionPipel
             "negative_prompt_embeds"); a returned dict with "latents" / "prompt_embeds" /
             "negative_prompt_embeds" replaces them. A diffusers ``PipelineCallback`` brings its own
             ``tensor_inputs``; setting ``pipe._interrupt = True`` skips the remaining steps.
+        :param mu: the exponent of a scheduler with ``use_dynamic_shifting`` (as in diffusers' SD3 pipeline);
+            default: diffusers' ``calculate_shift`` of the image's token count (``denoising.set_timesteps``).
         """
         # 1. check inputs
         if self.denoiser is None or self.scheduler is None:
@@ -390,6 +393,7 @@ class HFGenTextToImagePipeline(SamplingProperties, HFGenHubMixin, DiffusionPipel
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
             tensors={"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds},
+            mu=mu,
         )
 
         # 5. decode latents to images in [-1, 1], post-process to [0, 1] and the requested type

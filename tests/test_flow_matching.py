@@ -22,6 +22,7 @@ from tolerances import assert_close_float32
 from hfgen import UNetModel, objectives
 from hfgen.layers import DenoiserOutput
 from hfgen.pipelines import HFGenPipeline
+from hfgen.schedulers import DDPMScheduler
 from hfgen.training import train_diffusion
 
 T = 1000  # num_train_timesteps; conftest.py runs the suite on one torch thread
@@ -177,6 +178,72 @@ def test_invert_runs_the_flow_backwards_to_the_noise_that_regenerates_the_images
     images = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(3)) * 0.2 + 0.5
     heun = gaussian_pipe(FlowMatchHeunDiscreteScheduler)
     torch.testing.assert_close(heun.invert(images, num_inference_steps=20), pipe.invert(images, num_inference_steps=20))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resolution-dependent shifting: Flux / SD3-style scheduler configs (use_dynamic_shifting) need mu
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def shifting_pipe() -> HFGenPipeline:
+    """The Gaussian-velocity pipeline (4 x 4 pixels: 16 tokens) with a dynamic-shifting scheduler whose shift runs
+    from 0.5 at 4 tokens to 1.15 at 64."""
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=T, use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64
+    )
+    pipe = HFGenPipeline(GaussianVelocity(), scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_sigmas(num_inference_steps: int, mu: float) -> torch.Tensor:
+    reference = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=T, use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64
+    )
+    reference.set_timesteps(num_inference_steps, mu=mu)
+    return reference.sigmas
+
+
+def test_dynamic_shifting_takes_mu_from_the_token_count_as_diffusers_pipelines_do():
+    """Without ``mu`` the pipeline passes diffusers' ``calculate_shift`` of the image's token count (as the SD3 and
+    Flux pipelines do; before, such a scheduler raised "mu must be passed"); a given ``mu`` is used as it is."""
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    pipe = shifting_pipe()
+    images = pipe(batch_size=256, num_inference_steps=50, generator=torch.Generator().manual_seed(0),
+                  output_type="latent").images  # fmt: skip
+    expected_mu = calculate_shift(16, 4, 64, 0.5, 1.15)
+    torch.testing.assert_close(pipe.scheduler.sigmas, reference_sigmas(50, expected_mu))
+    assert abs(images.mean().item() - 0.5) < 0.01 and abs(images.std().item() / 0.2 - 1) < 0.1  # still the data
+    pipe(batch_size=1, num_inference_steps=10, mu=0.3, output_type="latent")
+    torch.testing.assert_close(pipe.scheduler.sigmas, reference_sigmas(10, 0.3))
+
+
+def test_image_seq_len_counts_patches():
+    from hfgen.dit import DiTModel
+    from hfgen.pipelines.denoising import image_seq_len
+
+    latents = torch.zeros(1, 4, 8, 12)
+    dit = DiTModel(sample_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2)
+    assert image_seq_len(dit, latents) == 4 * 6
+    assert image_seq_len(GaussianVelocity(), latents) == 8 * 12  # no patches: one token per pixel, as a U-Net
+
+
+def test_invert_with_dynamic_shifting_regenerates_the_images():
+    err, noise = round_trip_error(shifting_pipe(), 50)
+    assert err < 0.02 and abs(noise.std().item() - 1) < 0.15, (err, noise.std())
+
+
+@pytest.mark.parametrize(
+    "make, mu, match",
+    [
+        (shifting_pipe, "0.5", "mu must be a number"),
+        (lambda: HFGenPipeline(GaussianVelocity(), DDPMScheduler()), 0.5, "mu is for schedulers with"),
+    ],
+)
+def test_bad_mu(make, mu, match):
+    with pytest.raises(ValueError, match=match):
+        make()(batch_size=1, num_inference_steps=2, mu=mu, output_type="latent")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

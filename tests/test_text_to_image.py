@@ -272,6 +272,21 @@ def test_height_and_width(pipe):
     assert images.shape == (1, 3, 16, 8)
 
 
+def test_dynamic_shifting_mu_follows_the_patch_count(tokenizer, text_encoder):
+    """A Flux-style flow-matching scheduler (``use_dynamic_shifting``) gets diffusers' ``calculate_shift`` of the
+    DiT's patch count at the asked size, (16 / 2) x (8 / 2) = 32 tokens, as diffusers' SD3 pipeline computes it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    config = {"use_dynamic_shifting": True, "base_image_seq_len": 16, "max_image_seq_len": 64}
+    pipe = make_pipe(tokenizer, text_encoder, make_denoiser("dit"), FlowMatchEulerDiscreteScheduler(**config))
+    images = pipe("a red circle", height=16, width=8, num_inference_steps=4, output_type="pt").images
+    assert images.shape == (1, 3, 16, 8)
+    reference = FlowMatchEulerDiscreteScheduler(**config)
+    reference.set_timesteps(4, mu=calculate_shift(32, 16, 64, 0.5, 1.15))
+    torch.testing.assert_close(pipe.scheduler.sigmas, reference.sigmas)
+
+
 def test_latent_diffusion_with_vae(tokenizer, text_encoder):
     torch.manual_seed(0)
     vae = AutoencoderModel(**AUTOENCODER_PRESETS["ae-tiny"], sample_size=16, scaling_factor=0.5).eval()
