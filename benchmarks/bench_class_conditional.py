@@ -227,32 +227,49 @@ score = asked_label_share  # eval_class_conditional.py and eval_ae_gan.py import
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def budget_steps(model: str, config: dict, args) -> tuple[int, float | None]:
+    """``--max_train_steps``, or the steps that fit ``--train_minutes`` at the calibrated seconds per step."""
+    if args.max_train_steps:
+        return args.max_train_steps, None
+    self_cond = RECIPES[model]["self_cond_prob"] is not None
+    repeats = 1 if args.quick else 3
+    step_seconds = seconds_per_step(model, config, batch_size(model, args), self_cond, repeats=repeats)
+    return max(args.min_steps, int(args.train_minutes * 60 / step_seconds)), step_seconds
+
+
+def score_guidance_scales(model: str, pipe, args, classifier: DigitClassifier, result: dict) -> None:
+    """Sample every class at every guidance scale from the same noise; record accuracy, speed and the grid."""
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)  # (N,) class-major
+    noise = torch.randn((len(labels), 1, 32, 32), generator=torch.Generator().manual_seed(args.seed + 1))
+    for scale in args.guidance_scales:
+        start = time.perf_counter()
+        images = pipe(batch_size=len(labels), latents=noise, class_labels=labels, guidance_scale=scale,
+                      num_inference_steps=args.num_inference_steps, output_type="pt").images  # fmt: skip
+        seconds = time.perf_counter() - start  # images: (N, 1, 32, 32) in [0, 1]
+        key = f"{scale:g}"
+        result["accuracy"][key], result["per_class_accuracy"][key] = score(classifier, images, labels)
+        result["samples_per_second"][key] = round(len(labels) / seconds, 2)
+        grid_path = args.output_dir / f"grid_{model}_g{key}.png"
+        grid_image(images, args.per_class).save(grid_path)
+        result["grids"][key] = str(grid_path)
+
+
 def run_model(model: str, args, classifier: DigitClassifier) -> dict:
+    """Calibrate the steps to the budget, train with the repository's script in this process, then score."""
     work = args.output_dir / model
     work.mkdir(parents=True, exist_ok=True)
     config = model_config(model, args.quick)
     config_path = work / "model_config.json"
     config_path.write_text(json.dumps(config, indent=2))
-    self_cond = RECIPES[model]["self_cond_prob"] is not None
-
-    # 1. calibrate the number of steps to the budget
-    if args.max_train_steps:
-        steps, step_seconds = args.max_train_steps, None
-    else:
-        step_seconds = seconds_per_step(
-            model, config, batch_size(model, args), self_cond, repeats=1 if args.quick else 3
-        )
-        steps = max(args.min_steps, int(args.train_minutes * 60 / step_seconds))
+    steps, step_seconds = budget_steps(model, config, args)
     print(f"[{model}] {steps} steps (calibrated {step_seconds} s/step)", flush=True)
 
-    # 2. train with the repository's script, in this process
     pipeline_dir = work / "pipeline"
     flags = train_flags(model, config_path, pipeline_dir, steps, args)
     start = time.perf_counter()
     train_diffusion.main(train_diffusion.parse_args(flags))
     train_seconds = time.perf_counter() - start
 
-    # 3. sample every class at every guidance scale, the same noise for each scale
     pipe = HFGenPipeline.from_pretrained(pipeline_dir)
     if pipe.denoiser.config.num_classes != NUM_CLASSES:
         raise RuntimeError(
@@ -260,8 +277,6 @@ def run_model(model: str, args, classifier: DigitClassifier) -> dict:
         )
     pipe.scheduler = evaluation_scheduler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)  # (N,) class-major
-    noise = torch.randn((len(labels), 1, 32, 32), generator=torch.Generator().manual_seed(args.seed + 1))
     result = {
         "model": model,
         "objective": args.objective,
@@ -281,23 +296,7 @@ def run_model(model: str, args, classifier: DigitClassifier) -> dict:
         "samples_per_second": {},
         "grids": {},
     }
-    for scale in args.guidance_scales:
-        start = time.perf_counter()
-        images = pipe(
-            batch_size=len(labels),
-            latents=noise,
-            class_labels=labels,
-            guidance_scale=scale,
-            num_inference_steps=args.num_inference_steps,
-            output_type="pt",
-        ).images  # (N, 1, 32, 32) in [0, 1]
-        seconds = time.perf_counter() - start
-        key = f"{scale:g}"
-        result["accuracy"][key], result["per_class_accuracy"][key] = score(classifier, images, labels)
-        result["samples_per_second"][key] = round(len(labels) / seconds, 2)
-        grid_path = args.output_dir / f"grid_{model}_g{key}.png"
-        grid_image(images, args.per_class).save(grid_path)
-        result["grids"][key] = str(grid_path)
+    score_guidance_scales(model, pipe, args, classifier, result)
     print(
         f"[{model}] " + json.dumps({k: result[k] for k in ("train_seconds", "accuracy", "samples_per_second")}),
         flush=True,

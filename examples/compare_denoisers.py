@@ -187,6 +187,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def train_and_score(model: str, args: argparse.Namespace, classifier, labels, noise) -> tuple[dict, torch.Tensor]:
+    """Train one family for ``--budget_steps`` (timed), sample every digit from the shared noise with guidance and
+    score the samples; returns its row of the report and its grid of samples."""
+    work = args.output_dir / model
+    work.mkdir(parents=True, exist_ok=True)
+    config = train_diffusion.load_model_config(model, QUICK_PRESETS[model]) if args.quick else RECIPES[model]["config"]
+    config_path = work / "model_config.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    pipeline_dir = work / "pipeline"
+    start = time.perf_counter()
+    train_diffusion.main(train_diffusion.parse_args(train_flags(model, config_path, pipeline_dir, args)))
+    train_seconds = time.perf_counter() - start
+
+    pipe = HFGenPipeline.from_pretrained(str(pipeline_dir))
+    pipe.set_progress_bar_config(disable=True)
+    start = time.perf_counter()
+    images = pipe(batch_size=len(labels), latents=noise, class_labels=labels, guidance_scale=GUIDANCE_SCALE,
+                  num_inference_steps=args.num_inference_steps, output_type="pt").images  # fmt: skip
+    sample_seconds = time.perf_counter() - start  # images: (N, 1, 32, 32) in [0, 1]
+
+    score, per_class = asked_label_share(classifier, images, labels)
+    result = {
+        "model": model,
+        "name": NAMES[model],
+        "denoiser": type(pipe.denoiser).__name__,
+        "parameters": sum(p.numel() for p in pipe.denoiser.parameters()),
+        "train_steps": args.budget_steps,
+        "batch_size": args.batch_size,
+        "train_seconds": round(train_seconds, 1),
+        "sample_seconds": round(sample_seconds, 1),
+        "score": score,
+        "per_class_score": per_class,
+        "pipeline": str(pipeline_dir),
+    }
+    print(f"[{model}] {json.dumps({k: result[k] for k in ('parameters', 'train_seconds', 'score')})}")
+    return result, class_grid(images, args.per_class, args.show_per_class)
+
+
 def main(args: argparse.Namespace) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -200,55 +238,11 @@ def main(args: argparse.Namespace) -> dict:
 
     results, grids = [], []
     for model in args.models:
-        # 1. train, timed
-        work = out / model
-        work.mkdir(parents=True, exist_ok=True)
-        config = (
-            train_diffusion.load_model_config(model, QUICK_PRESETS[model]) if args.quick else RECIPES[model]["config"]
-        )
-        config_path = work / "model_config.json"
-        config_path.write_text(json.dumps(config, indent=2))
-        pipeline_dir = work / "pipeline"
-        start = time.perf_counter()
-        train_diffusion.main(train_diffusion.parse_args(train_flags(model, config_path, pipeline_dir, args)))
-        train_seconds = time.perf_counter() - start
+        result, grid = train_and_score(model, args, classifier, labels, noise)
+        results.append(result)
+        grids.append(grid)
+        stages[f"{model}_train"], stages[f"{model}_sample"] = result["train_seconds"], result["sample_seconds"]
 
-        # 2. sample every digit from the same noise, with guidance
-        pipe = HFGenPipeline.from_pretrained(str(pipeline_dir))
-        pipe.set_progress_bar_config(disable=True)
-        start = time.perf_counter()
-        images = pipe(
-            batch_size=len(labels),
-            latents=noise,
-            class_labels=labels,
-            guidance_scale=GUIDANCE_SCALE,
-            num_inference_steps=args.num_inference_steps,
-            output_type="pt",
-        ).images  # (N, 1, 32, 32) in [0, 1]
-        sample_seconds = time.perf_counter() - start
-
-        # 3. score
-        score, per_class = asked_label_share(classifier, images, labels)
-        results.append(
-            {
-                "model": model,
-                "name": NAMES[model],
-                "denoiser": type(pipe.denoiser).__name__,
-                "parameters": sum(p.numel() for p in pipe.denoiser.parameters()),
-                "train_steps": args.budget_steps,
-                "batch_size": args.batch_size,
-                "train_seconds": round(train_seconds, 1),
-                "sample_seconds": round(sample_seconds, 1),
-                "score": score,
-                "per_class_score": per_class,
-                "pipeline": str(pipeline_dir),
-            }
-        )
-        grids.append(class_grid(images, args.per_class, args.show_per_class))
-        stages[f"{model}_train"], stages[f"{model}_sample"] = round(train_seconds, 1), round(sample_seconds, 1)
-        print(f"[{model}] {json.dumps({k: results[-1][k] for k in ('parameters', 'train_seconds', 'score')})}")
-
-    # 4. the figure and the report
     start = time.perf_counter()
     figure = out / "compare_denoisers.png"
     title = (

@@ -179,21 +179,34 @@ def check_denoiser_inputs(
     ``num_classes`` when a class-conditional model gets none; ``hfgen.guidance``) or None for an unconditional model.
 
     The model must have ``config.in_channels``, ``config.num_classes`` (None: unconditional),
-    ``config.cross_attention_dim`` (None: no text) and a ``downsample_factor`` attribute.
+    ``config.cross_attention_dim`` (None: no text) and a ``downsample_factor`` attribute. Value checks (timesteps
+    >= 0, labels in range) read tensors on the host, so they are skipped while ``torch.compile`` traces the graph.
     """
-    cfg = model.config
+    check_sample(model, sample)
+    checking_values = not torch.compiler.is_compiling()
+    timestep = batch_timesteps(timestep, sample, checking_values)
+    class_labels = batch_class_labels(model.config.num_classes, class_labels, sample, checking_values)
+    check_text_inputs(model.config.cross_attention_dim, encoder_hidden_states, encoder_attention_mask, len(sample))
+    return timestep, class_labels
+
+
+def check_sample(model: nn.Module, sample: torch.Tensor) -> None:
+    """x_t must be a (B, in_channels, H, W) tensor with H and W divisible by the model's ``downsample_factor``."""
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
     if sample.ndim != 4:
         raise ValueError(f"sample must have shape (B, C, H, W), got rank {sample.ndim} shape {tuple(sample.shape)}")
-    B, C, H, W = sample.shape
-    if C != cfg.in_channels:
-        raise ValueError(f"sample has {C} channels, but the model's config.in_channels is {cfg.in_channels}")
+    _, C, H, W = sample.shape
+    if C != model.config.in_channels:
+        raise ValueError(f"sample has {C} channels, but the model's config.in_channels is {model.config.in_channels}")
     f = model.downsample_factor
     if H % f or W % f:
         raise ValueError(f"sample height and width must be divisible by {f} for this model, got {H}x{W}")
 
-    # timestep: Python number, 0-d tensor, or one per sample
+
+def batch_timesteps(timestep: torch.Tensor | float | int, sample: torch.Tensor, checking_values: bool) -> torch.Tensor:
+    """A Python number, a 0-d tensor or one per sample -> float (B,) on the sample's device, finite and >= 0."""
+    B = len(sample)
     if not torch.is_tensor(timestep):
         if not isinstance(timestep, (int, float)):
             raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
@@ -203,56 +216,65 @@ def check_denoiser_inputs(
         timestep = timestep.expand(B)
     if timestep.numel() != B:
         raise ValueError(f"timestep must be a scalar or have one value per sample ({B}), got {timestep.numel()}")
-    # value checks read tensors on the host; skip them while torch.compile traces the graph
-    checking_values = not torch.compiler.is_compiling()
     if checking_values and (not torch.isfinite(timestep).all() or (timestep < 0).any()):
         raise ValueError(f"timestep must be finite and >= 0, got {timestep.tolist()}")
+    return timestep
 
-    num_classes = cfg.num_classes
-    if class_labels is not None:
-        if not num_classes:
-            raise ValueError("class_labels were given but the model is unconditional (config.num_classes is None)")
-        class_labels = torch.as_tensor(class_labels, device=sample.device).reshape(-1)
-        if class_labels.is_floating_point():
-            raise TypeError(f"class_labels must be integers, got dtype {class_labels.dtype}")
-        if class_labels.numel() == 1:
-            class_labels = class_labels.expand(B)
-        if class_labels.numel() != B:
-            raise ValueError(f"class_labels must have one label per sample ({B}), got {class_labels.numel()}")
-        if checking_values and ((class_labels < 0).any() or (class_labels > num_classes).any()):
-            raise ValueError(
-                f"class_labels must be in [0, {num_classes}] ({num_classes} is the null label), "
-                f"got {class_labels.tolist()}"
-            )
-        class_labels = class_labels.long()
-    elif num_classes:  # a class-conditional model without labels: the null label, as in guidance training
-        class_labels = null_class_labels(B, num_classes, sample.device)
 
-    if encoder_hidden_states is not None:
-        if cfg.cross_attention_dim is None:
-            raise ValueError(
-                "encoder_hidden_states were given but the model has no text conditioning "
-                "(config.cross_attention_dim is None)"
-            )
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
-            raise ValueError(
-                f"encoder_hidden_states must have shape (B, L, {cfg.cross_attention_dim}), "
-                f"got {tuple(encoder_hidden_states.shape)}"
-            )
-        if encoder_hidden_states.shape[0] != B:
-            raise ValueError(
-                f"encoder_hidden_states batch ({encoder_hidden_states.shape[0]}) must match sample batch ({B})"
-            )
-        if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) != tuple(
-            encoder_hidden_states.shape[:2]
-        ):
-            raise ValueError(
-                f"encoder_attention_mask must have shape {tuple(encoder_hidden_states.shape[:2])}, "
-                f"got {tuple(encoder_attention_mask.shape)}"
-            )
-    elif encoder_attention_mask is not None:
-        raise ValueError("encoder_attention_mask was given without encoder_hidden_states")
-    return timestep, class_labels
+def batch_class_labels(
+    num_classes: int | None, class_labels, sample: torch.Tensor, checking_values: bool
+) -> torch.Tensor | None:
+    """One label or one per sample -> long (B,) in [0, num_classes] (``num_classes`` is the null label); the null
+    label for a class-conditional model given none, as in guidance training; None for an unconditional model."""
+    B = len(sample)
+    if class_labels is None:
+        return null_class_labels(B, num_classes, sample.device) if num_classes else None
+    if not num_classes:
+        raise ValueError("class_labels were given but the model is unconditional (config.num_classes is None)")
+    class_labels = torch.as_tensor(class_labels, device=sample.device).reshape(-1)
+    if class_labels.is_floating_point():
+        raise TypeError(f"class_labels must be integers, got dtype {class_labels.dtype}")
+    if class_labels.numel() == 1:
+        class_labels = class_labels.expand(B)
+    if class_labels.numel() != B:
+        raise ValueError(f"class_labels must have one label per sample ({B}), got {class_labels.numel()}")
+    if checking_values and ((class_labels < 0).any() or (class_labels > num_classes).any()):
+        raise ValueError(
+            f"class_labels must be in [0, {num_classes}] ({num_classes} is the null label), got {class_labels.tolist()}"
+        )
+    return class_labels.long()
+
+
+def check_text_inputs(
+    cross_attention_dim: int | None,
+    encoder_hidden_states: torch.Tensor | None,
+    encoder_attention_mask: torch.Tensor | None,
+    batch_size: int,
+) -> None:
+    """Text states (B, L, cross_attention_dim) only for a text-conditioned model, a mask (B, L) only with them."""
+    if encoder_hidden_states is None:
+        if encoder_attention_mask is not None:
+            raise ValueError("encoder_attention_mask was given without encoder_hidden_states")
+        return
+    if cross_attention_dim is None:
+        raise ValueError(
+            "encoder_hidden_states were given but the model has no text conditioning "
+            "(config.cross_attention_dim is None)"
+        )
+    if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cross_attention_dim:
+        raise ValueError(
+            f"encoder_hidden_states must have shape (B, L, {cross_attention_dim}), "
+            f"got {tuple(encoder_hidden_states.shape)}"
+        )
+    if encoder_hidden_states.shape[0] != batch_size:
+        raise ValueError(
+            f"encoder_hidden_states batch ({encoder_hidden_states.shape[0]}) must match sample batch ({batch_size})"
+        )
+    states_shape = tuple(encoder_hidden_states.shape[:2])
+    if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) != states_shape:
+        raise ValueError(
+            f"encoder_attention_mask must have shape {states_shape}, got {tuple(encoder_attention_mask.shape)}"
+        )
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -188,7 +188,31 @@ class HFGenTextToImagePipeline(SamplingProperties, HFGenHubMixin, DiffusionPipel
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> int:
         """Raise a short, specific error on a bad argument; return the number of prompts B."""
-        # 1. prompts xor embeddings
+        batch_size = self._check_prompts(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds)
+        check_attention_masks(
+            prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
+        )
+        check_num_inference_steps(num_inference_steps)
+        check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        check_guidance_scale(guidance_scale)
+        self._check_size(height, width)
+        num_images = batch_size * num_images_per_prompt
+        expected = (num_images, self.denoiser.config.in_channels, *self._latent_size(height, width))
+        if latents is not None and tuple(latents.shape) != expected:
+            raise ValueError(
+                f"latents must have shape {expected} (B * num_images_per_prompt, C, H, W), got {tuple(latents.shape)}"
+            )
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators, but {num_images} images are asked for "
+                f"({batch_size} prompts x {num_images_per_prompt}): pass one per image or a single generator"
+            )
+        check_output_type(output_type)
+        check_callback_tensor_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        return batch_size
+
+    def _check_prompts(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds) -> int:
+        """Prompts xor embeddings, and a negative prompt that matches them; returns the number of prompts B."""
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("pass either prompt or prompt_embeds, not both")
         if prompt is None and prompt_embeds is None:
@@ -205,7 +229,6 @@ class HFGenTextToImagePipeline(SamplingProperties, HFGenHubMixin, DiffusionPipel
                 raise ValueError(f"prompt_embeds must have shape (B, L, {D}), got {tuple(prompt_embeds.shape)}")
             batch_size = prompt_embeds.shape[0]
 
-        # 2. the negative prompt matches the prompts
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
         if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
@@ -225,16 +248,12 @@ class HFGenTextToImagePipeline(SamplingProperties, HFGenHubMixin, DiffusionPipel
                 f"{tuple(negative_prompt_embeds.shape)} and "
                 f"{None if prompt_embeds is None else tuple(prompt_embeds.shape)}"
             )
-        check_attention_masks(
-            prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
-        )
+        return batch_size
 
-        # 3. numbers
-        check_num_inference_steps(num_inference_steps)
-        check_positive_int("num_images_per_prompt", num_images_per_prompt)
+    def _check_size(self, height: int, width: int) -> None:
+        """Positive multiples of the denoiser's downsample factor times the VAE's."""
         check_positive_int("height", height)
         check_positive_int("width", width)
-        check_guidance_scale(guidance_scale)
         f = self.denoiser.downsample_factor * self.vae_scale_factor
         if height % f or width % f or height < f or width < f:
             raise ValueError(
@@ -242,26 +261,25 @@ class HFGenTextToImagePipeline(SamplingProperties, HFGenHubMixin, DiffusionPipel
                 f"{self.denoiser.downsample_factor} x the VAE's {self.vae_scale_factor}), got {height}x{width}"
             )
 
-        # 4. noise, generators, outputs, callbacks
-        num_images = batch_size * num_images_per_prompt
-        expected = (
-            num_images,
-            self.denoiser.config.in_channels,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
-        )
-        if latents is not None and tuple(latents.shape) != expected:
-            raise ValueError(
-                f"latents must have shape {expected} (B * num_images_per_prompt, C, H, W), got {tuple(latents.shape)}"
-            )
-        if isinstance(generator, list) and len(generator) != num_images:
-            raise ValueError(
-                f"generator is a list of {len(generator)} generators, but {num_images} images are asked for "
-                f"({batch_size} prompts x {num_images_per_prompt}): pass one per image or a single generator"
-            )
-        check_output_type(output_type)
-        check_callback_tensor_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
-        return batch_size
+    def _latent_size(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def _text_conditioning(self, prompt_attention_mask, negative_prompt_attention_mask) -> Callable[[dict], dict]:
+        """The denoiser's text input for one pass, rebuilt each step from the embeddings in ``tensors`` (which a
+        callback may replace): c (B*n, L, D) with its mask, or [c; c_null] (2B*n, ...) under guidance."""
+
+        def conditioning(tensors: dict) -> dict:
+            cond = {"encoder_hidden_states": tensors["prompt_embeds"], "encoder_attention_mask": prompt_attention_mask}
+            if self.do_classifier_free_guidance:
+                uncond = {
+                    "encoder_hidden_states": tensors["negative_prompt_embeds"],
+                    "encoder_attention_mask": negative_prompt_attention_mask,
+                }
+                cond = stack_conditions(cond, uncond)
+            cond["encoder_hidden_states"] = cond["encoder_hidden_states"].to(self.denoiser.dtype)
+            return cond
+
+        return conditioning
 
     # --- sampling -------------------------------------------------------------------------------------------------
 
@@ -364,30 +382,17 @@ class HFGenTextToImagePipeline(SamplingProperties, HFGenHubMixin, DiffusionPipel
         )
 
         # 3. noise x_T: drawn on the generator's device (CPU by default) in float32, one draw per generator
-        C = self.denoiser.config.in_channels
-        shape = (num_images, C, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (num_images, self.denoiser.config.in_channels, *self._latent_size(height, width))
         if latents is None:
             latents = draw_noise(shape, generator)
         latents = latents.to(device=device, dtype=torch.float32)
 
-        # 4. the denoising loop (model, guidance, scheduler.step, callback); the text input is rebuilt each step from
-        #    the embeddings a callback may have replaced
-        def conditioning(tensors: dict) -> dict:
-            cond = {"encoder_hidden_states": tensors["prompt_embeds"], "encoder_attention_mask": prompt_attention_mask}
-            if self.do_classifier_free_guidance:
-                uncond = {
-                    "encoder_hidden_states": tensors["negative_prompt_embeds"],
-                    "encoder_attention_mask": negative_prompt_attention_mask,
-                }
-                cond = stack_conditions(cond, uncond)  # (2B*n, L, D), (2B*n, L): [cond; uncond]
-            cond["encoder_hidden_states"] = cond["encoder_hidden_states"].to(self.denoiser.dtype)
-            return cond
-
+        # 4. the denoising loop (model, guidance, scheduler.step, callback)
         latents = denoising_loop(
             self,
             latents,
             num_inference_steps,
-            conditioning,
+            self._text_conditioning(prompt_attention_mask, negative_prompt_attention_mask),
             generator,
             eta,
             callback_on_step_end,
