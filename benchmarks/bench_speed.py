@@ -32,7 +32,7 @@ Matched configurations (parameter counts printed, within 5%):
 - U-Net: 3 levels (C, 2C, 2C), one ResBlock per level (two per level in the decoder, as both libraries do),
   attention at the two lower levels and in the middle, 32 channels per head, GroupNorm(8), scale-shift time
   modulation (diffusers: ``resnet_time_scale_shift="scale_shift"``), 1 -> 1 channels at 32x32.
-- DiT: depth, width, heads and patch size of hfgen's "DiT-mini/2" (6 x 192, 3 heads, p=2) on 4 x 32 x 32 latents,
+- DiT: depth, width, heads and patch size of hfgen's "DiT-mini/2" (6 x 192, 3 heads, p=2; ``--dit_patch_size``) on 4 x 32 x 32 latents,
   class-conditional on 10 classes (diffusers' DiT is class-conditional only).
 - RIN: the "RIN-small" preset, unconditional on 1 x 32 x 32 like the U-Nets; one forward per training step (the
   self-conditioning pass of ``train_diffusion.py`` is a second, no-grad forward on top).
@@ -72,7 +72,7 @@ VARIANTS = ("eager", "channels_last", "compiled", "compiled_channels_last", "com
 SAMPLING_ONLY = ("compiled_frozen",)
 
 
-def build(name: str, size: str) -> tuple[torch.nn.Module, dict]:
+def build(name: str, size: str, dit_patch_size: int = 2) -> tuple[torch.nn.Module, dict]:
     """One of "unet_hfgen", "unet_diffusers", "dit_hfgen", "dit_diffusers", "rin_hfgen" and the shape of its input."""
     if name == "rin_hfgen":
         model = hfgen.RINModel(**hfgen.RIN_PRESETS[RIN_SIZES[size]], sample_size=32, in_channels=1)
@@ -108,7 +108,13 @@ def build(name: str, size: str) -> tuple[torch.nn.Module, dict]:
     depth, width, heads = DIT_SIZES[size]
     if name == "dit_hfgen":
         model = hfgen.DiTModel(
-            sample_size=32, in_channels=4, patch_size=2, hidden_size=width, depth=depth, num_heads=heads, num_classes=10
+            sample_size=32,
+            in_channels=4,
+            patch_size=dit_patch_size,
+            hidden_size=width,
+            depth=depth,
+            num_heads=heads,
+            num_classes=10,
         )
     else:
         model = DiTTransformer2DModel(
@@ -118,7 +124,7 @@ def build(name: str, size: str) -> tuple[torch.nn.Module, dict]:
             out_channels=4,
             num_layers=depth,
             sample_size=32,
-            patch_size=2,
+            patch_size=dit_patch_size,
             num_embeds_ada_norm=10,
         )
     return model, {"channels": 4, "labels": True}
@@ -197,13 +203,13 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_worker(name: str, size: str, batch: int) -> dict:
+def memory_worker(name: str, size: str, batch: int, dit_patch_size: int = 2) -> dict:
     """
     Peak resident memory one training step adds: VmHWM (the kernel's peak-RSS mark, reset just before the step by
     writing 5 to /proc/self/clear_refs) minus VmRSS before the step. ``ru_maxrss`` cannot be reset, and importing
     torch and diffusers already sets it higher than a small model's step.
     """
-    model, spec = build(name, size)
+    model, spec = build(name, size, dit_patch_size)
     x, t, y = make_inputs(spec, batch, "cpu", torch.float32)
     train_step(model, x[:2], t[:2], y[:2] if y is not None else None)  # lazy init, gradient buffers exist from here
     model.zero_grad(set_to_none=True)
@@ -219,7 +225,7 @@ def memory_worker(name: str, size: str, batch: int) -> dict:
     }
 
 
-def measure_memory(names: list[str], size: str, batch: int, threads: int) -> dict[str, dict]:
+def measure_memory(names: list[str], size: str, batch: int, threads: int, dit_patch_size: int) -> dict[str, dict]:
     results = {}
     for name in names:
         cmd = [
@@ -233,6 +239,8 @@ def measure_memory(names: list[str], size: str, batch: int, threads: int) -> dic
             str(batch),
             "--threads",
             str(threads),
+            "--dit_patch_size",
+            str(dit_patch_size),
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         results[name] = json.loads(out)
@@ -274,7 +282,7 @@ def measure_family(names: list[str], variants: list[str], args, backend: str, pr
     flops, params, fns, compiled = {}, {}, {}, {}
     for name in names:
         torch.manual_seed(0)
-        model, spec = build(name, args.size)
+        model, spec = build(name, args.size, args.dit_patch_size)
         model = model.to(device, dtype).train()
         params[name] = sum(p.numel() for p in model.parameters())
         inputs = make_inputs(spec, args.batch_size, device, dtype)
@@ -348,6 +356,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--size", default="small", choices=tuple(UNET_SIZES), help="model size of every family")
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument(
+        "--dit_patch_size",
+        type=int,
+        default=2,
+        help="both DiTs' patch size p on the 32x32 latents (2: DiT-mini/2; 4: the patch of the MNIST DiT recipe)",
+    )
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds; medians are reported")
     p.add_argument("--models", default="unet,dit,rin", help=f"comma list of {tuple(FAMILIES)}")
     p.add_argument(
@@ -486,7 +500,7 @@ def main(args: argparse.Namespace) -> dict:
     apply_quick(args)
     torch.set_num_threads(args.threads)
     if args.memory_worker:
-        print(json.dumps(memory_worker(args.memory_worker, args.size, args.memory_batch_size)))
+        print(json.dumps(memory_worker(args.memory_worker, args.size, args.memory_batch_size, args.dit_patch_size)))
         return {}
     compile_on = not args.quick if args.compile is None else args.compile
     backend = args.compile_backend or ("eager" if args.quick else "inductor")
@@ -498,7 +512,7 @@ def main(args: argparse.Namespace) -> dict:
     results: dict = {"matmul_peak_gflops": peak, "pairs": {}, "variants": {}, "ratios": {}}
     lines = [header(f"Denoiser speed (bench_speed.py){' [quick]' if args.quick else ''}")]
     lines.append(
-        f"- device {device}, dtype {args.dtype}, size {args.size}, batch {args.batch_size}, variants "
+        f"- device {device}, dtype {args.dtype}, size {args.size} (DiT patch {args.dit_patch_size}), batch {args.batch_size}, variants "
         f"{', '.join(variants)} (compile backend {backend}), {args.repeats} interleaved rounds (medians of {clock} "
         f"time); {args.dtype} matmul peak ({args.matmul_size}^3): {peak:.1f} GFLOP/s\n"
     )
@@ -547,7 +561,7 @@ def main(args: argparse.Namespace) -> dict:
         lines.extend(profiles)
     if args.memory and device.type == "cpu":
         names = [f"{family}_{lib}" for family in families for lib in FAMILIES[family]]
-        results["memory"] = measure_memory(names, args.size, args.memory_batch_size, args.threads)
+        results["memory"] = measure_memory(names, args.size, args.memory_batch_size, args.threads, args.dit_patch_size)
         lines.extend(memory_lines(results["memory"], families, args.memory_batch_size))
     write_results("\n".join(lines) + "\n", args.results)
     return results

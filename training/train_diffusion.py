@@ -444,28 +444,32 @@ def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    # model
-    p.add_argument("--model", choices=MODELS, default="unet", help="denoiser family")
-    p.add_argument("--model_config", default=None, help=f"preset name or JSON file; default {DEFAULT_PRESETS}")
-    p.add_argument("--conditioning", choices=("none", "class", "text"), default="none")
-    p.add_argument("--num_classes", type=int, default=None, help="class count (default: from the label column)")
-    p.add_argument(
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The denoiser family and preset, its conditioning (classes, text, a VAE's latents) and self-conditioning."""
+    g = p.add_argument_group("model and conditioning")
+    g.add_argument("--model", choices=MODELS, default="unet", help="denoiser family")
+    g.add_argument("--model_config", default=None, help=f"preset name or JSON file; default {DEFAULT_PRESETS}")
+    g.add_argument("--conditioning", choices=("none", "class", "text"), default="none")
+    g.add_argument("--num_classes", type=int, default=None, help="class count (default: from the label column)")
+    g.add_argument(
         "--cond_dropout", type=float, default=0.1, help="label / caption dropout for classifier-free guidance"
     )
-    p.add_argument("--text_encoder", default=None, help="folder with a CLIPTextModel and CLIPTokenizer (frozen)")
-    p.add_argument("--vae", default=None, help="folder of an hfgen VAEModel or AutoencoderModel: train on its latents")
-    p.add_argument(
+    g.add_argument("--text_encoder", default=None, help="folder with a CLIPTextModel and CLIPTokenizer (frozen)")
+    g.add_argument("--vae", default=None, help="folder of an hfgen VAEModel or AutoencoderModel: train on its latents")
+    g.add_argument(
         "--text_cache_size",
         type=int,
         default=1024,
         help="text conditioning: keep the frozen text encoder's output for this many distinct captions (0: off)",
     )
-    p.add_argument("--self_cond_prob", type=float, default=0.9, help="RIN: probability of latent self-conditioning")
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    # speed
-    p.add_argument(
+    g.add_argument("--self_cond_prob", type=float, default=0.9, help="RIN: probability of latent self-conditioning")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    """torch.compile, the channels-last memory format and TF32 (the module docstring's "Speed")."""
+    g = p.add_argument_group("speed")
+    g.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the denoiser with inductor after accelerator.prepare, as `accelerate launch "
@@ -473,55 +477,65 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "launcher already compiled the model, this flag only warns. The first steps pay the compile time (tens of "
         "seconds on a CPU); samples and saved weights use the plain module",
     )
-    p.add_argument(
+    g.add_argument(
         "--compile_mode", choices=COMPILE_MODES, default=None, help="with --compile: torch.compile's mode (default)"
     )
-    p.add_argument(
+    g.add_argument(
         "--channels_last",
         action="store_true",
         help="U-Net only: weights and inputs in torch.channels_last memory format (oneDNN's and cuDNN's faster "
         "convolution layout); refused for DiT and RIN, which compute on token tensors (B, N, D)",
     )
-    p.add_argument(
+    g.add_argument(
         "--allow_tf32",
         action="store_true",
         help="CUDA: TF32 for float32 matmuls and convolutions (torch.backends.cuda.matmul / cudnn.allow_tf32); "
         "no effect on a CPU",
     )
-    # noise schedule and objective
-    p.add_argument("--num_train_timesteps", type=int, default=1000)
-    p.add_argument("--beta_schedule", choices=BETA_SCHEDULES, default="linear")
-    p.add_argument("--beta_start", type=float, default=1e-4)
-    p.add_argument("--beta_end", type=float, default=0.02)
-    p.add_argument(
+
+
+def add_objective_args(p: argparse.ArgumentParser) -> None:
+    """The DDPM noise schedule and the objective: diffusion's prediction type and min-SNR weights, flow matching's
+    sigma density."""
+    g = p.add_argument_group("noise schedule and objective")
+    g.add_argument("--num_train_timesteps", type=int, default=1000)
+    g.add_argument("--beta_schedule", choices=BETA_SCHEDULES, default="linear")
+    g.add_argument("--beta_start", type=float, default=1e-4)
+    g.add_argument("--beta_end", type=float, default=0.02)
+    g.add_argument(
         "--objective",
         choices=OBJECTIVES,
         default="flow_matching",
         help="what the denoiser learns; flow_matching by default (the better FID/asked-digit share, benchmarks/)",
     )
-    p.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None, help="diffusion: default epsilon")
-    p.add_argument(
+    g.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None, help="diffusion: default epsilon")
+    g.add_argument(
         "--snr_gamma", type=float, default=None, help="diffusion: min-SNR loss weighting gamma (e.g. 5.0); off if unset"
     )
-    p.add_argument(
+    g.add_argument(
         "--weighting_scheme",
         choices=objectives.FLOW_WEIGHTING_SCHEMES,
         default="logit_normal",
         help="flow matching: the sigma density and loss weight, as in diffusers' SD3 script",
     )
-    p.add_argument("--logit_mean", type=float, default=0.0, help="flow matching, logit_normal: mean of logit(sigma)")
-    p.add_argument("--logit_std", type=float, default=1.0, help="flow matching, logit_normal: std of logit(sigma)")
-    p.add_argument("--mode_scale", type=float, default=1.29, help="flow matching, mode: the density's scale")
-    # data
-    p.add_argument("--dataset_name", default=None, help="Hub data set (default: the built-in shapes)")
-    p.add_argument("--dataset_config_name", default=None)
-    p.add_argument("--train_data_dir", default=None, help="local imagefolder (optional metadata.jsonl)")
-    p.add_argument("--mnist_npz", default=None, help="MNIST npz (first 8000 digits are used)")
-    p.add_argument("--cache_dir", default=None)
-    p.add_argument("--image_column", default="image")
-    p.add_argument("--caption_column", default="text")
-    p.add_argument("--label_column", default="label")
-    p.add_argument(
+    g.add_argument("--logit_mean", type=float, default=0.0, help="flow matching, logit_normal: mean of logit(sigma)")
+    g.add_argument("--logit_std", type=float, default=1.0, help="flow matching, logit_normal: std of logit(sigma)")
+    g.add_argument("--mode_scale", type=float, default=1.29, help="flow matching, mode: the density's scale")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The training images, captions and labels: this script's own flags rather than ``add_image_data_args``'s (a
+    caption and a label column by default, ``--shapes_exclude``, ``--pad_images``)."""
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None, help="Hub data set (default: the built-in shapes)")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None, help="local imagefolder (optional metadata.jsonl)")
+    g.add_argument("--mnist_npz", default=None, help="MNIST npz (first 8000 digits are used)")
+    g.add_argument("--cache_dir", default=None)
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--caption_column", default="text")
+    g.add_argument("--label_column", default="label")
+    g.add_argument(
         "--shapes_num_images",
         "--num_shapes",
         dest="shapes_num_images",
@@ -529,51 +543,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=4096,
         help="size of the built-in shapes training set (also --num_shapes, the other scripts' name)",
     )
-    p.add_argument("--shapes_exclude", nargs="*", default=None, help='shapes pairs left out, e.g. "red triangle"')
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="default: 1 for MNIST, else 3")
-    p.add_argument("--center_crop", action="store_true")
-    p.add_argument("--random_flip", action="store_true")
-    p.add_argument("--pad_images", action="store_true", help="pad smaller images to --resolution instead of resizing")
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
-    # optimisation
-    p.add_argument(
+    g.add_argument("--shapes_exclude", nargs="*", default=None, help='shapes pairs left out, e.g. "red triangle"')
+    g.add_argument("--resolution", type=int, default=32)
+    g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="default: 1 for MNIST, else 3")
+    g.add_argument("--center_crop", action="store_true")
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--pad_images", action="store_true", help="pad smaller images to --resolution instead of resizing")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+
+def add_optimization_args(p: argparse.ArgumentParser) -> None:
+    """Batch size, training length, the learning rate and its schedule, the optimiser, clipping and EMA."""
+    g = p.add_argument_group("optimisation and EMA")
+    g.add_argument(
         "--train_batch_size", type=int, default=None, help="per process (default: the family's, SMALL_DATA_RECIPES)"
     )
-    p.add_argument("--num_epochs", type=int, default=10)
-    p.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_epochs")
-    p.add_argument("--learning_rate", type=float, default=None, help="default: the family's, SMALL_DATA_RECIPES")
-    p.add_argument("--lr_scheduler", default="cosine", help="a diffusers.optimization schedule name")
-    p.add_argument("--lr_warmup_steps", type=int, default=100)
-    p.add_argument(
+    g.add_argument("--num_epochs", type=int, default=10)
+    g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_epochs")
+    g.add_argument("--learning_rate", type=float, default=None, help="default: the family's, SMALL_DATA_RECIPES")
+    g.add_argument("--lr_scheduler", default="cosine", help="a diffusers.optimization schedule name")
+    g.add_argument("--lr_warmup_steps", type=int, default=100)
+    g.add_argument(
         "--optimizer",
         choices=("adamw", "lamb"),
         default="adamw",
         help="adamw: torch's fused AdamW; lamb: LAMB as RIN was trained (trust ratio per weight matrix, biases and norm "
         "scales plain Adam without decay); both read the --adam_* flags",
     )
-    p.add_argument("--adam_beta1", type=float, default=0.9)
-    p.add_argument("--adam_beta2", type=float, default=0.99)
-    p.add_argument("--adam_weight_decay", type=float, default=0.0)
-    p.add_argument("--adam_epsilon", type=float, default=1e-8)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--use_ema", action="store_true")
-    p.add_argument("--ema_max_decay", type=float, default=0.9999)
-    p.add_argument("--ema_inv_gamma", type=float, default=1.0)
-    p.add_argument("--ema_power", type=float, default=0.75)
-    # validation samples, the Hub token
-    p.add_argument("--validation_steps", type=int, default=None, help="log a sample grid every N steps")
-    p.add_argument("--validation_prompts", nargs="*", default=None, help="text conditioning: prompts to sample")
-    p.add_argument("--num_validation_images", type=int, default=16)
-    p.add_argument("--num_inference_steps", type=int, default=50, help="sampler steps for samples")
-    p.add_argument(
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.99)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--use_ema", action="store_true")
+    g.add_argument("--ema_max_decay", type=float, default=0.9999)
+    g.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    g.add_argument("--ema_power", type=float, default=0.75)
+
+
+def add_validation_args(p: argparse.ArgumentParser) -> None:
+    """The sample grids logged during training, and the Hub token."""
+    g = p.add_argument_group("validation samples, the Hub token")
+    g.add_argument("--validation_steps", type=int, default=None, help="log a sample grid every N steps")
+    g.add_argument("--validation_prompts", nargs="*", default=None, help="text conditioning: prompts to sample")
+    g.add_argument("--num_validation_images", type=int, default=16)
+    g.add_argument("--num_inference_steps", type=int, default=50, help="sampler steps for samples")
+    g.add_argument(
         "--guidance_scale",
         type=float,
         default=None,
         help="CFG scale for conditional samples; default: the pipeline's (class and text 3.0, hfgen.guidance)",
     )
-    p.add_argument("--hub_token", default=None)
+    g.add_argument("--hub_token", default=None)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(p)
+    add_speed_args(p)
+    add_objective_args(p)
+    add_data_args(p)
+    add_optimization_args(p)
+    add_validation_args(p)
     add_run_args(p, output_dir=None)
     args = p.parse_args(argv)
     for name, value in SMALL_DATA_RECIPES.get(args.model, {}).items():
@@ -583,11 +615,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Reject bad combinations before any work, naming the argument."""
-    sources = [n for n in ("dataset_name", "train_data_dir", "mnist_npz") if getattr(args, n)]
+def given_data_sources(args: argparse.Namespace) -> list[str]:
+    """The data-source flags given (none: the built-in shapes)."""
+    return [n for n in ("dataset_name", "train_data_dir", "mnist_npz") if getattr(args, n)]
+
+
+def check_data_source(args: argparse.Namespace) -> None:
+    """At most one of --dataset_name, --train_data_dir and --mnist_npz."""
+    sources = given_data_sources(args)
     if len(sources) > 1:
         raise ValueError(f"give at most one data source, got {['--' + s for s in sources]}")
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """The counts, probabilities and rates that have a valid range of their own."""
     positive = (
         "resolution",
         "train_batch_size",
@@ -616,6 +657,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise ValueError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+
+
+def check_objective(args: argparse.Namespace) -> None:
+    """Reject diffusion-only flags with flow matching; default diffusion's --prediction_type to epsilon."""
     if args.objective == "flow_matching":
         for name in ("prediction_type", "snr_gamma"):
             if getattr(args, name) is not None:
@@ -627,6 +672,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--logit_std must be > 0, got {args.logit_std}")
     if args.objective == "diffusion":
         args.prediction_type = args.prediction_type or "epsilon"
+
+
+def check_conditioning(args: argparse.Namespace) -> None:
+    """The guidance scale and the flags of one --conditioning; default text conditioning's --validation_prompts."""
     if args.guidance_scale is not None and args.guidance_scale < 1:
         raise ValueError(f"--guidance_scale must be >= 1, got {args.guidance_scale}")
     if args.conditioning == "text" and not args.text_encoder:
@@ -643,7 +692,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--num_classes is only used with --conditioning class, got --conditioning {args.conditioning}"
         )
-    if args.shapes_exclude and sources:
+
+
+def check_shapes_exclude(args: argparse.Namespace) -> None:
+    """--shapes_exclude: only for the built-in shapes, and only "color shape" pairs of them."""
+    if args.shapes_exclude and given_data_sources(args):
         raise ValueError("--shapes_exclude only applies to the built-in shapes data")
     for pair in args.shapes_exclude or ():
         color, _, shape = pair.partition(" ")
@@ -651,6 +704,10 @@ def check_args(args: argparse.Namespace) -> None:
             hfgen.data.shapes_label(color, shape)
         except ValueError as error:
             raise ValueError(f'--shapes_exclude {pair!r} is not a "color shape" pair: {error}') from None
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """The resume checkpoint, the speed flags and the Hub upload."""
     if args.resume_from_checkpoint not in (None, "latest"):
         resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if args.compile_mode is not None and not args.compile:
@@ -662,6 +719,17 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject bad combinations before any work, naming the argument (and fill the defaults that depend on others:
+    diffusion's --prediction_type, text conditioning's --validation_prompts)."""
+    check_data_source(args)
+    check_ranges(args)
+    check_objective(args)
+    check_conditioning(args)
+    check_shapes_exclude(args)
+    check_run_args(args)
     model_family(args.model)
     load_model_config(args.model, args.model_config)
 
