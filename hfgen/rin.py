@@ -227,32 +227,15 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         interface_modulation: bool = True,  # the interface's LayerNorms scaled and shifted by time + class + text
     ):
         super().__init__()
-        if out_channels is None:
-            out_channels = in_channels
-            self.register_to_config(out_channels=out_channels)
-        if use_cross_attention is None:
-            use_cross_attention = cross_attention_dim is not None
-            self.register_to_config(use_cross_attention=use_cross_attention)
-        elif use_cross_attention and cross_attention_dim is None:
-            raise ValueError("use_cross_attention=True needs cross_attention_dim to be set, got None")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be None or >= 1, got {num_classes}")
-        if sample_size % patch_size:
-            raise ValueError(f"sample_size ({sample_size}) must be divisible by patch_size ({patch_size})")
-        for name, dim, heads in (
-            ("latent_dim", latent_dim, num_heads),
-            ("latent_dim", latent_dim, rw_num_heads),
-            ("interface_dim", interface_dim, rw_num_heads),
-        ):
-            if dim % heads:
-                raise ValueError(f"{name} ({dim}) must be divisible by the number of heads ({heads})")
-
+        out_channels, use_cross_attention = self._resolve_config()
         self.patch_size = patch_size
         self.out_channels = out_channels
         self.num_latents = num_latents
         self.gradient_checkpointing = False
         grid = sample_size // patch_size
 
+        # submodules are created in the order of the forward pass: that order is the state_dict order and the order
+        # in which the initialisation draws random numbers
         # interface: patch embedding + learned position embedding
         self.x_embedder = nn.Conv2d(in_channels, interface_dim, kernel_size=patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, interface_dim))
@@ -269,29 +252,63 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         self.y_embedder = nn.Embedding(num_classes + 1, latent_dim) if num_classes is not None else None
         self.text_pool_proj = nn.Linear(cross_attention_dim, latent_dim) if cross_attention_dim is not None else None
 
-        context_dim = cross_attention_dim if use_cross_attention else None
-        self.blocks = nn.ModuleList(
-            [
-                RINBlock(
-                    interface_dim,
-                    latent_dim,
-                    compute_depth,
-                    num_heads,
-                    rw_num_heads,
-                    latent_mlp_ratio,
-                    interface_mlp_ratio,
-                    context_dim=context_dim,
-                    interface_conv=interface_conv,
-                    interface_modulation=interface_modulation,
-                )
-                for _ in range(num_blocks)
-            ]
-        )
+        self.blocks = self._build_blocks(cross_attention_dim if use_cross_attention else None)
         # output head on the interface
         self.norm_out = nn.LayerNorm(interface_dim)
         self.modulation_out = nn.Linear(latent_dim, 2 * interface_dim) if interface_modulation else None
         self.proj_out = nn.Linear(interface_dim, patch_size * patch_size * out_channels)
         self.initialize_weights()
+
+    def _resolve_config(self) -> tuple[int, bool]:
+        """
+        Fill in the config's None defaults (registered, so that saved configs hold the values used) and validate it.
+        @register_to_config has stored every ``__init__`` argument in self.config before ``__init__``'s body runs.
+
+        :return: (out_channels, use_cross_attention), resolved.
+        """
+        cfg = self.config
+        out_channels, use_cross_attention = cfg.out_channels, cfg.use_cross_attention
+        if out_channels is None:
+            out_channels = cfg.in_channels
+            self.register_to_config(out_channels=out_channels)
+        if use_cross_attention is None:
+            use_cross_attention = cfg.cross_attention_dim is not None
+            self.register_to_config(use_cross_attention=use_cross_attention)
+        elif use_cross_attention and cfg.cross_attention_dim is None:
+            raise ValueError("use_cross_attention=True needs cross_attention_dim to be set, got None")
+        if cfg.num_classes is not None and cfg.num_classes < 1:
+            raise ValueError(f"num_classes must be None or >= 1, got {cfg.num_classes}")
+        if cfg.sample_size % cfg.patch_size:
+            raise ValueError(f"sample_size ({cfg.sample_size}) must be divisible by patch_size ({cfg.patch_size})")
+        for name, dim, heads in (
+            ("latent_dim", cfg.latent_dim, cfg.num_heads),
+            ("latent_dim", cfg.latent_dim, cfg.rw_num_heads),
+            ("interface_dim", cfg.interface_dim, cfg.rw_num_heads),
+        ):
+            if dim % heads:
+                raise ValueError(f"{name} ({dim}) must be divisible by the number of heads ({heads})")
+        return out_channels, use_cross_attention
+
+    def _build_blocks(self, context_dim: int | None) -> nn.ModuleList:
+        """The ``num_blocks`` RIN blocks; ``context_dim``: width of the text tokens the latents read, None: no read."""
+        cfg = self.config
+        return nn.ModuleList(
+            [
+                RINBlock(
+                    cfg.interface_dim,
+                    cfg.latent_dim,
+                    cfg.compute_depth,
+                    cfg.num_heads,
+                    cfg.rw_num_heads,
+                    cfg.latent_mlp_ratio,
+                    cfg.interface_mlp_ratio,
+                    context_dim=context_dim,
+                    interface_conv=cfg.interface_conv,
+                    interface_modulation=cfg.interface_modulation,
+                )
+                for _ in range(cfg.num_blocks)
+            ]
+        )
 
     def initialize_weights(self) -> None:
         # 1. every Linear: truncated normal (std 0.02), zero biases
@@ -351,6 +368,33 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         timesteps, class_labels = check_denoiser_inputs(
             self, sample, timestep, class_labels, encoder_hidden_states, encoder_attention_mask
         )
+        grid = self._check_grid(sample, prev_latents)  # (H/p, W/p)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = encoder_hidden_states.to(self.dtype)  # text encoders may run in another dtype
+
+        # 1. conditioning tokens (B, n_cond, Dz) and c (B, Dz) for the interface modulations
+        cond, c = self._conditioning(timesteps, class_labels, encoder_hidden_states, encoder_attention_mask)
+        # 2. interface X (B, N, Dx) and latents Z (B, M + n_cond, Dz), the conditioning tokens appended to Z
+        x, z = self._embed_inputs(sample, prev_latents, cond)
+
+        # 3. RIN blocks: (mix patches,) read, compute, write
+        for block in self.blocks:
+            args = (x, z, c, grid, encoder_hidden_states, encoder_attention_mask)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, z = self._gradient_checkpointing_func(block, *args)
+            else:
+                x, z = block(*args)  # (B, N, Dx), (B, M + n_cond, Dz)
+
+        # 4. output head on X, and the latents for the next step
+        out = self._read_out(x, c, grid)  # (B, C_out, H, W)
+        latents = z[:, : self.num_latents]  # (B, M, Dz), the conditioning tokens dropped
+
+        if not return_dict:
+            return (out, latents)
+        return DenoiserOutput(sample=out, latents=latents)
+
+    def _check_grid(self, sample: torch.Tensor, prev_latents: torch.Tensor | None) -> tuple[int, int]:
+        """The sample must be sample_size x sample_size and prev_latents (B, M, Dz); :return: the patch grid."""
         B, _, H, W = sample.shape
         p, M, Dz = self.patch_size, self.num_latents, self.config.latent_dim
         grid_h, grid_w = H // p, W // p
@@ -359,11 +403,19 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
             raise ValueError(f"sample must be {size}x{size} (RINModel has a learned position per patch), got {H}x{W}")
         if prev_latents is not None and tuple(prev_latents.shape) != (B, M, Dz):
             raise ValueError(f"prev_latents must have shape {(B, M, Dz)}, got {tuple(prev_latents.shape)}")
+        return grid_h, grid_w
 
-        if encoder_hidden_states is not None:
-            encoder_hidden_states = encoder_hidden_states.to(self.dtype)  # text encoders may run in another dtype
-
-        # 1. conditioning tokens
+    def _conditioning(
+        self,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        :return: the conditioning tokens (B, n_cond, Dz), time then class then pooled text (those the model has),
+            and c = SiLU(their sum) (B, Dz), for the interface modulations.
+        """
         cond = [self.t_embedder(timesteps)]  # [(B, Dz)]
         if self.y_embedder is not None:
             cond.append(self.y_embedder(class_labels))  # (B, Dz)
@@ -371,39 +423,32 @@ class RINModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
             pooled = masked_mean(encoder_hidden_states, encoder_attention_mask)  # (B, C_text)
             cond.append(self.text_pool_proj(pooled.to(self.latents.dtype)))  # (B, Dz)
         cond = torch.stack(cond, dim=1)  # (B, n_cond, Dz)
-        c = F.silu(cond.sum(dim=1))  # (B, Dz), for the interface modulations
+        return cond, F.silu(cond.sum(dim=1))
 
-        # 2. interface X: patchify + position
+    def _embed_inputs(
+        self, sample: torch.Tensor, prev_latents: torch.Tensor | None, cond: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        :return: the interface X (B, N, Dx): patches + position; the latents Z (B, M + n_cond, Dz): learned state +
+            self-conditioning warm start from ``prev_latents`` (None: zeros), then the conditioning tokens ``cond``.
+        """
         x = self.x_embedder(sample.to(self.x_embedder.weight.dtype))  # (B, Dx, H/p, W/p)
         x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, Dx)
-
-        # 3. latents Z: learned state + self-conditioning warm start, then the conditioning tokens
         if prev_latents is None:
-            prev_latents = torch.zeros(B, M, Dz, device=sample.device, dtype=self.latents.dtype)
+            shape = (len(sample), self.num_latents, self.config.latent_dim)
+            prev_latents = torch.zeros(shape, device=sample.device, dtype=self.latents.dtype)
         z = self.latents[None] + self.self_cond_gain(self.self_cond_norm(prev_latents.to(self.latents.dtype)))
         # (B, M, Dz)
         z = torch.cat([z, cond], dim=1)  # (B, M + n_cond, Dz)
+        return x, z
 
-        # 4. RIN blocks: (mix patches,) read, compute, write
-        grid = (grid_h, grid_w)
-        for block in self.blocks:
-            args = (x, z, c, grid, encoder_hidden_states, encoder_attention_mask)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, z = self._gradient_checkpointing_func(block, *args)
-            else:
-                x, z = block(*args)  # (B, N, Dx), (B, M + n_cond, Dz)
-
-        # 5. output head on X (modulated norm), unpatchify
+    def _read_out(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Output head: X (B, N, Dx) -> LayerNorm, modulated by c -> Linear -> unpatchify -> (B, C_out, H, W)."""
         h = self.norm_out(x)  # (B, N, Dx)
         if self.modulation_out is not None:
             h = modulate(h, *self.modulation_out(c).chunk(2, dim=-1))
         out = self.proj_out(h)  # (B, N, p * p * C_out)
-        out = unpatchify(out, grid_h, grid_w, self.patch_size, self.out_channels)  # (B, C_out, H, W)
-        latents = z[:, :M]  # (B, M, Dz), the conditioning tokens dropped
-
-        if not return_dict:
-            return (out, latents)
-        return DenoiserOutput(sample=out, latents=latents)
+        return unpatchify(out, *grid, self.patch_size, self.out_channels)  # (B, C_out, H, W)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -220,118 +220,147 @@ class UNetModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         up_attention_levels: tuple[bool, ...] | None = None,  # decoder self-attention per level; None: attention_levels
     ):
         super().__init__()
-        block_out_channels = tuple(block_out_channels)
-        attention_levels = tuple(bool(a) for a in attention_levels)
-        if not block_out_channels:
-            raise ValueError("block_out_channels must name at least one level, got ()")
-        if len(attention_levels) != len(block_out_channels):
-            raise ValueError(
-                f"attention_levels must have one entry per level ({len(block_out_channels)}), got {attention_levels}"
-            )
-        # the decoder attends where the encoder does, unless told otherwise (diffusers' google/ddpm-cifar10-32
-        # attends at 16x16 going down and at 8x8 going up)
-        up_attention = attention_levels if up_attention_levels is None else tuple(bool(a) for a in up_attention_levels)
-        if len(up_attention) != len(block_out_channels):
-            raise ValueError(
-                f"up_attention_levels must be None or have one entry per level ({len(block_out_channels)}), "
-                f"got {up_attention_levels}"
-            )
-        if layers_per_block < 1:
-            raise ValueError(f"layers_per_block must be >= 1, got {layers_per_block}")
-        for ch in block_out_channels:
-            if ch % norm_num_groups:
-                raise ValueError(
-                    f"block_out_channels entries must be divisible by norm_num_groups ({norm_num_groups}), "
-                    f"got {block_out_channels}"
-                )
-        for i, ch in enumerate(block_out_channels):
-            # the middle block (at the last level) always has attention
-            attends = attention_levels[i] or up_attention[i] or i == len(block_out_channels) - 1
-            if attention_head_dim is None or not attends:
-                continue
-            if attention_head_dim < 1 or ch % attention_head_dim:
-                raise ValueError(
-                    f"channels of attention levels and of the last level must be divisible by attention_head_dim "
-                    f"({attention_head_dim}), got {ch} at level {i}"
-                )
-        if sample_size % 2 ** (len(block_out_channels) - 1):
-            raise ValueError(
-                f"sample_size must be divisible by {2 ** (len(block_out_channels) - 1)} "
-                f"(2 ** (levels - 1)), got {sample_size}"
-            )
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be None or >= 1, got {num_classes}")
-        if cross_attention_dim is not None and cross_attention_dim < 1:
-            raise ValueError(f"cross_attention_dim must be None or >= 1, got {cross_attention_dim}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if not 0.0 <= time_freq_shift < block_out_channels[0] // 2:
-            raise ValueError(
-                f"time_freq_shift must be in [0, block_out_channels[0] // 2 = {block_out_channels[0] // 2}), "
-                f"got {time_freq_shift}"
-            )
-        if downsample_padding not in (0, 1):
-            raise ValueError(f"downsample_padding must be 0 or 1, got {downsample_padding}")
-        if not norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {norm_eps}")
-
+        # @register_to_config has stored every argument in self.config before this body runs; the helpers below
+        # read their hyperparameters from there
+        block_out_channels, attention_levels, up_attention = self._check_levels()
+        self._check_options()
         ch0 = block_out_channels[0]
         time_embed_dim = 4 * ch0
-        groups = norm_num_groups
 
-        def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, time_embed_dim, groups, dropout, norm_eps, time_scale_shift)
-
-        def attn(ch: int) -> AttentionBlock:
-            heads = 1 if attention_head_dim is None else ch // attention_head_dim
-            return AttentionBlock(ch, heads, groups, cross_attention_dim, norm_eps)
-
+        # submodules are created in the order of the forward pass: that order is the state_dict order (converted
+        # checkpoints are laid out in it) and the order in which the initialisation draws random numbers
         # embeddings: t -> sinusoid (ch0) -> MLP (4 * ch0); labels -> table of num_classes + 1 rows (last = null)
         self.time_embed = TimestepEmbedder(time_embed_dim, ch0, freq_shift=time_freq_shift, sin_first=time_sin_first)
         self.class_embed = nn.Embedding(num_classes + 1, time_embed_dim) if num_classes is not None else None
-
         self.conv_in = nn.Conv2d(in_channels, ch0, 3, padding=1)
-
-        # encoder; skip_channels records the channels of every tensor pushed on the skip stack
-        skip_channels = [ch0]
-        ch = ch0
-        self.down_levels = nn.ModuleList()
-        for i, (out_ch, has_attn) in enumerate(zip(block_out_channels, attention_levels)):
-            resnets, attentions = [], []
-            for _ in range(layers_per_block):
-                resnets.append(res(ch, out_ch))
-                if has_attn:
-                    attentions.append(attn(out_ch))
-                ch = out_ch
-                skip_channels.append(ch)
-            is_last = i == len(block_out_channels) - 1
-            down = None if is_last else Downsample(ch, downsample_padding)
-            self.down_levels.append(Level(resnets, attentions, down))
-            if not is_last:
-                skip_channels.append(ch)
-
-        # middle
-        self.mid_res1 = res(ch, ch)
-        self.mid_attn = attn(ch)
-        self.mid_res2 = res(ch, ch)
-
-        # decoder: each ResBlock consumes one skip
-        self.up_levels = nn.ModuleList()
-        for i in reversed(range(len(block_out_channels))):
-            out_ch, has_attn = block_out_channels[i], up_attention[i]
-            resnets, attentions = [], []
-            for _ in range(layers_per_block + 1):
-                resnets.append(res(ch + skip_channels.pop(), out_ch))
-                if has_attn:
-                    attentions.append(attn(out_ch))
-                ch = out_ch
-            self.up_levels.append(Level(resnets, attentions, Upsample(ch) if i > 0 else None))
-
-        self.norm_out = nn.GroupNorm(groups, ch0, eps=norm_eps)
+        self.down_levels, skip_channels = self._build_encoder(block_out_channels, attention_levels)
+        # middle, at the lowest resolution
+        ch = block_out_channels[-1]
+        self.mid_res1 = self._res_block(ch, ch)
+        self.mid_attn = self._attn_block(ch)
+        self.mid_res2 = self._res_block(ch, ch)
+        self.up_levels = self._build_decoder(block_out_channels, up_attention, skip_channels)
+        self.norm_out = nn.GroupNorm(norm_num_groups, ch0, eps=norm_eps)
         self.conv_out = nn.Conv2d(ch0, out_channels, 3, padding=1)
 
         self.gradient_checkpointing = False
         self.initialize_weights()
+
+    def _check_levels(self) -> tuple[tuple[int, ...], tuple[bool, ...], tuple[bool, ...]]:
+        """Validate the level layout of the config; :return: (block_out_channels, attention_levels, up_attention)."""
+        cfg = self.config
+        block_out_channels = tuple(cfg.block_out_channels)
+        attention_levels = tuple(bool(a) for a in cfg.attention_levels)
+        L, head_dim = len(block_out_channels), cfg.attention_head_dim
+        if not block_out_channels:
+            raise ValueError("block_out_channels must name at least one level, got ()")
+        if len(attention_levels) != L:
+            raise ValueError(f"attention_levels must have one entry per level ({L}), got {attention_levels}")
+        # the decoder attends where the encoder does, unless told otherwise (diffusers' google/ddpm-cifar10-32
+        # attends at 16x16 going down and at 8x8 going up)
+        up_levels = cfg.up_attention_levels
+        up_attention = attention_levels if up_levels is None else tuple(bool(a) for a in up_levels)
+        if len(up_attention) != L:
+            raise ValueError(f"up_attention_levels must be None or have one entry per level ({L}), got {up_levels}")
+        if cfg.layers_per_block < 1:
+            raise ValueError(f"layers_per_block must be >= 1, got {cfg.layers_per_block}")
+        if any(ch % cfg.norm_num_groups for ch in block_out_channels):
+            raise ValueError(
+                f"block_out_channels entries must be divisible by norm_num_groups ({cfg.norm_num_groups}), "
+                f"got {block_out_channels}"
+            )
+        for i, ch in enumerate(block_out_channels):
+            # the middle block (at the last level) always has attention
+            attends = attention_levels[i] or up_attention[i] or i == L - 1
+            if head_dim is not None and attends and (head_dim < 1 or ch % head_dim):
+                raise ValueError(
+                    f"channels of attention levels and of the last level must be divisible by attention_head_dim "
+                    f"({head_dim}), got {ch} at level {i}"
+                )
+        if cfg.sample_size % 2 ** (L - 1):
+            raise ValueError(
+                f"sample_size must be divisible by {2 ** (L - 1)} (2 ** (levels - 1)), got {cfg.sample_size}"
+            )
+        return block_out_channels, attention_levels, up_attention
+
+    def _check_options(self) -> None:
+        """Validate the rest of the config: conditioning, dropout, time features, downsampling, norms."""
+        cfg = self.config
+        if cfg.num_classes is not None and cfg.num_classes < 1:
+            raise ValueError(f"num_classes must be None or >= 1, got {cfg.num_classes}")
+        if cfg.cross_attention_dim is not None and cfg.cross_attention_dim < 1:
+            raise ValueError(f"cross_attention_dim must be None or >= 1, got {cfg.cross_attention_dim}")
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+        half = cfg.block_out_channels[0] // 2  # the time features have block_out_channels[0] entries
+        if not 0.0 <= cfg.time_freq_shift < half:
+            raise ValueError(
+                f"time_freq_shift must be in [0, block_out_channels[0] // 2 = {half}), got {cfg.time_freq_shift}"
+            )
+        if cfg.downsample_padding not in (0, 1):
+            raise ValueError(f"downsample_padding must be 0 or 1, got {cfg.downsample_padding}")
+        if not cfg.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {cfg.norm_eps}")
+
+    def _res_block(self, cin: int, cout: int) -> ResBlock:
+        """A ResBlock cin -> cout channels, modulated by the time embedding of width 4 * block_out_channels[0]."""
+        cfg = self.config
+        time_embed_dim = 4 * cfg.block_out_channels[0]
+        return ResBlock(cin, cout, time_embed_dim, cfg.norm_num_groups, cfg.dropout, cfg.norm_eps, cfg.time_scale_shift)
+
+    def _attn_block(self, ch: int) -> AttentionBlock:
+        """An AttentionBlock on ch channels: ch // attention_head_dim heads (one if attention_head_dim is None)."""
+        cfg = self.config
+        heads = 1 if cfg.attention_head_dim is None else ch // cfg.attention_head_dim
+        return AttentionBlock(ch, heads, cfg.norm_num_groups, cfg.cross_attention_dim, cfg.norm_eps)
+
+    def _build_encoder(
+        self, block_out_channels: tuple[int, ...], attention_levels: tuple[bool, ...]
+    ) -> tuple[nn.ModuleList, list[int]]:
+        """
+        The down levels, full resolution first: layers_per_block x (ResBlock [+ attention]), then a Downsample
+        (none at the last level).
+
+        :return: the levels and ``skip_channels``, the channels of every tensor the forward pushes on the skip stack
+            (conv_in's output first), which the decoder's ResBlocks take back in reverse.
+        """
+        ch = block_out_channels[0]
+        skip_channels = [ch]
+        levels = nn.ModuleList()
+        for i, (out_ch, has_attn) in enumerate(zip(block_out_channels, attention_levels)):
+            resnets, attentions = [], []
+            for _ in range(self.config.layers_per_block):
+                resnets.append(self._res_block(ch, out_ch))
+                if has_attn:
+                    attentions.append(self._attn_block(out_ch))
+                ch = out_ch
+                skip_channels.append(ch)
+            is_last = i == len(block_out_channels) - 1
+            down = None if is_last else Downsample(ch, self.config.downsample_padding)
+            levels.append(Level(resnets, attentions, down))
+            if not is_last:
+                skip_channels.append(ch)
+        return levels, skip_channels
+
+    def _build_decoder(
+        self, block_out_channels: tuple[int, ...], up_attention: tuple[bool, ...], skip_channels: list[int]
+    ) -> nn.ModuleList:
+        """
+        The up levels, lowest resolution first: (layers_per_block + 1) x (ResBlock [+ attention]), then an Upsample
+        (none at full resolution). Each ResBlock takes one skip, popped from ``skip_channels``.
+        """
+        ch = block_out_channels[-1]
+        levels = nn.ModuleList()
+        for i in reversed(range(len(block_out_channels))):
+            out_ch, has_attn = block_out_channels[i], up_attention[i]
+            resnets, attentions = [], []
+            for _ in range(self.config.layers_per_block + 1):
+                resnets.append(self._res_block(ch + skip_channels.pop(), out_ch))
+                if has_attn:
+                    attentions.append(self._attn_block(out_ch))
+                ch = out_ch
+            levels.append(Level(resnets, attentions, Upsample(ch) if i > 0 else None))
+        return levels
 
     def initialize_weights(self) -> None:
         """Zero every residual branch's last layer, so each block starts as the identity (improved-diffusion)."""
