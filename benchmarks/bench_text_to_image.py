@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_inference_steps", type=int, default=25)
     p.add_argument("--batch_size", type=int, default=72, help="prompts per pipeline call")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="image j draws its noise from seed + j")
     p.add_argument("--results", type=Path, default=None, help="append a markdown block to this file")
     p.add_argument("--quick", action="store_true", help="untrained tiny pipeline if --pipeline is absent, 2 scales")
     return p.parse_args(argv)
@@ -81,14 +81,14 @@ def main(args: argparse.Namespace) -> dict:
     pairs = [pair for pair in SHAPE_PAIRS for _ in range(args.images_per_pair)]
     results = {}
     for scale in args.guidance_scales:
-        images = []
+        images = []  # image j from its own generator, seed + j: the same images at every --batch_size
         for i in range(0, len(pairs), args.batch_size):
             chunk = pairs[i : i + args.batch_size]
             out = pipe(
                 prompt=[f"a {c} {s}" for c, s in chunk],
                 guidance_scale=scale,
                 num_inference_steps=args.num_inference_steps,
-                generator=torch.Generator().manual_seed(args.seed + i),
+                generator=[torch.Generator().manual_seed(args.seed + i + k) for k in range(len(chunk))],
                 output_type="pt",
             )
             images.append(out.images.float())

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 from conftest import MNIST_PATH, ROOT
+from tolerances import assert_close_float32
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -81,6 +82,20 @@ def test_bench_text_to_image_quick():
     for row in out.values():
         assert set(row) == {"seen", "left_out"}
         assert 0 <= row["seen"]["accuracy"] <= 1
+
+
+def test_bench_text_to_image_images_do_not_depend_on_the_batch_size(monkeypatch):
+    """Image j is drawn from seed + j, so a smaller --batch_size (less memory) judges the same images."""
+    judged = []
+    judge = bench_text_to_image.shape_color_accuracy
+    monkeypatch.setattr(
+        bench_text_to_image, "shape_color_accuracy", lambda x, *a, **k: judged.append(x) or judge(x, *a, **k)
+    )
+    for batch_size in ("18", "5"):
+        bench_text_to_image.main(bench_text_to_image.parse_args(["--quick", "--batch_size", batch_size]))
+    assert len(judged) == 4  # 2 guidance scales x 2 batch sizes, all pairs seen
+    for a, b in zip(judged[:2], judged[2:]):
+        assert_close_float32(a, b, num_eps=256, floor=1.0)
 
 
 def test_bench_text_to_image_rejects_a_bad_pair():
