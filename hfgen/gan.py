@@ -31,6 +31,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as apply_spectral_norm
 
+from .layers import labels_per_sample
 from .loading import SafeLoadingMixin
 
 CLASS_CONDITIONINGS = ("concat", "multiply")
@@ -116,15 +117,7 @@ def _check_labels(
         if num_classes:
             raise ValueError(f"class_labels are required: the model is class-conditional (num_classes={num_classes})")
         return None
-    if not num_classes:
-        raise ValueError("class_labels were given but the model is unconditional (config.num_classes is None)")
-    class_labels = torch.as_tensor(class_labels, device=device).reshape(-1)
-    if class_labels.is_floating_point():
-        raise TypeError(f"class_labels must be integers, got dtype {class_labels.dtype}")
-    if class_labels.numel() == 1:
-        class_labels = class_labels.expand(batch)
-    if class_labels.numel() != batch:
-        raise ValueError(f"class_labels must have one label per sample ({batch}), got {class_labels.numel()}")
+    class_labels = labels_per_sample(class_labels, num_classes, batch, device)
     if (class_labels < 0).any() or (class_labels >= num_classes).any():
         raise ValueError(f"class_labels must be in [0, {num_classes - 1}], got {class_labels.tolist()}")
     return class_labels.long()

@@ -229,20 +229,27 @@ def batch_class_labels(
     B = len(sample)
     if class_labels is None:
         return null_class_labels(B, num_classes, sample.device) if num_classes else None
-    if not num_classes:
-        raise ValueError("class_labels were given but the model is unconditional (config.num_classes is None)")
-    class_labels = torch.as_tensor(class_labels, device=sample.device).reshape(-1)
-    if class_labels.is_floating_point():
-        raise TypeError(f"class_labels must be integers, got dtype {class_labels.dtype}")
-    if class_labels.numel() == 1:
-        class_labels = class_labels.expand(B)
-    if class_labels.numel() != B:
-        raise ValueError(f"class_labels must have one label per sample ({B}), got {class_labels.numel()}")
+    class_labels = labels_per_sample(class_labels, num_classes, B, sample.device)
     if checking_values and ((class_labels < 0).any() or (class_labels > num_classes).any()):
         raise ValueError(
             f"class_labels must be in [0, {num_classes}] ({num_classes} is the null label), got {class_labels.tolist()}"
         )
     return class_labels.long()
+
+
+def labels_per_sample(class_labels, num_classes: int | None, batch_size: int, device) -> torch.Tensor:
+    """Given labels for a class-conditional model (``num_classes`` set): one int or one per sample -> (B,) integer
+    tensor on ``device``; the range check is the caller's (a denoiser also takes the null label)."""
+    if not num_classes:
+        raise ValueError("class_labels were given but the model is unconditional (config.num_classes is None)")
+    class_labels = torch.as_tensor(class_labels, device=device).reshape(-1)
+    if class_labels.is_floating_point():
+        raise TypeError(f"class_labels must be integers, got dtype {class_labels.dtype}")
+    if class_labels.numel() == 1:
+        class_labels = class_labels.expand(batch_size)
+    if class_labels.numel() != batch_size:
+        raise ValueError(f"class_labels must have one label per sample ({batch_size}), got {class_labels.numel()}")
+    return class_labels
 
 
 def check_text_inputs(
