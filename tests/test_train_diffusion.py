@@ -241,6 +241,37 @@ def test_text_conditioning_and_tensorboard(tmp_path):
     assert images.shape == (1, 16, 16, 3)
 
 
+def test_text_encoder_with_projection_loads_as_clip_text_model_without_a_load_report(tmp_path):
+    """train_clip.py saves text_encoder/ as CLIPTextModelWithProjection; --text_encoder reads its text tower quietly."""
+    import logging
+
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from hfgen.training.train_diffusion import load_text_encoder
+
+    folder = tiny_text_encoder_folder(tmp_path)
+    plain = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    torch.manual_seed(1)
+    with_projection = CLIPTextModelWithProjection(plain.config)
+    with_projection.text_model.load_state_dict(plain.state_dict())
+    with_projection.save_pretrained(folder / "text_encoder")
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        encoder, tokenizer = load_text_encoder(str(folder))
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in records if "LOAD REPORT" in r.getMessage()]
+    assert type(encoder) is CLIPTextModel and not encoder.training
+    assert not any(p.requires_grad for p in encoder.parameters())
+    ids = tokenizer(["a red circle"], padding="max_length", max_length=8, return_tensors="pt")
+    with torch.no_grad():  # the same weights and ops: the same hidden states
+        assert torch.equal(encoder(**ids).last_hidden_state, with_projection(**ids).last_hidden_state)
+
+
 def test_prompt_cache_encodes_each_caption_once_and_matches_encoding(tmp_path):
     from hfgen.training.train_diffusion import PromptEmbeddingCache, encode_prompts, load_text_encoder
 

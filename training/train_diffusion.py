@@ -170,14 +170,28 @@ def compile_model(accelerator, model, mode: str | None):
     return torch.compile(model, backend="inductor", mode=mode)
 
 
+def load_clip_text_model(folder: str):
+    """The ``CLIPTextModel`` saved in ``folder``. A ``CLIPTextModelWithProjection`` there (``train_clip.py``'s
+    text_encoder/) is read as itself and its text tower kept: the projection, which conditioning does not use, is
+    dropped without transformers' load report of "unexpected" keys, and a pipeline saves the same CLIPTextModel."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if "CLIPTextModelWithProjection" not in (CLIPTextConfig.from_pretrained(folder).architectures or []):
+        return CLIPTextModel.from_pretrained(folder)
+    encoder = CLIPTextModelWithProjection.from_pretrained(folder).text_model
+    if not isinstance(encoder, CLIPTextModel):  # a transformers whose text tower is not a CLIPTextModel: load noisily
+        return CLIPTextModel.from_pretrained(folder)
+    return encoder
+
+
 def load_text_encoder(path: str):
     """A frozen ``CLIPTextModel`` and its ``CLIPTokenizer`` from ``path`` (subfolders text_encoder/tokenizer, or flat)."""
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--text_encoder {path!r} is not a folder")
     nested = os.path.isdir(os.path.join(path, "text_encoder"))
-    encoder = CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder") if nested else path)
+    encoder = load_clip_text_model(os.path.join(path, "text_encoder") if nested else path)
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer") if nested else path)
     encoder.requires_grad_(False).eval()
     return encoder, tokenizer
