@@ -12,7 +12,10 @@ Every model runs in each of ``--variants``, all timed side by side in the same A
 ``eager``; ``channels_last`` (weights and input in ``torch.channels_last``: the U-Nets only, the convolutional
 models); ``compiled`` (``torch.compile``, inductor, default mode); ``compiled_channels_last`` (both); ``compiled_frozen``
 (sampling only: ``torch.compile(model, options={"freezing": True})``, which folds the weights of a no-grad graph into
-it as constants, so it suits a sampling pipeline whose weights no longer change). The compile
+it as constants, so it suits a sampling pipeline whose weights no longer change); ``autocast_bf16``,
+``channels_last_autocast_bf16`` and ``compiled_autocast_bf16`` (the forward under ``torch.autocast(bfloat16)`` over
+float32 weights, loss and backward outside it: what ``train_diffusion.py --mixed_precision bf16`` runs; it pays on a
+CPU whose bf16 matmuls are faster than its float32 ones, as on AVX-512-bf16 EPYCs, and costs elsewhere). The compile
 time of a compiled variant is the wall time its first training and first sampling call took beyond a steady one (the
 inductor cache in /tmp makes a rerun compile faster; a full run compiles 7 models, about a minute each on 2 CPU
 cores with a cold cache). The summary gives the speed ratios the goals are stated in:
@@ -23,7 +26,8 @@ jobs on a shared machine disturb far less than wall time, with the wall-time rat
 - training step = zero_grad + forward + MSE + backward (the model in train mode), and sampling step = no_grad
   forward of an eval-mode copy (as in a pipeline), as images per second;
 - FLOPs of each step counted by ``torch.utils.flop_counter.FlopCounterMode`` and the achieved GFLOP/s as a fraction of
-  this machine's matmul peak, measured in the same run (best of a few large square matmuls in ``--dtype``);
+  this machine's matmul peak, measured in the same run (best of a few large square matmuls in ``--dtype``; in
+  bfloat16 for the autocast variants);
 - the top operators of one training step by self time (torch.profiler), with ``--profile``;
 - peak resident memory of one training step at batch 64, one fresh subprocess per model, with ``--memory``
   (CPU/Linux only: the peak-RSS mark VmHWM, reset just before the step, minus the RSS before it).
@@ -66,10 +70,37 @@ DIT_SIZES = {"quick": (2, 64, 2), "small": (6, 192, 3), "base": (12, 384, 6)}  #
 RIN_SIZES = {"quick": "RIN-tiny", "small": "RIN-small", "base": "RIN-cifar"}
 FAMILIES = {"unet": ("hfgen", "diffusers"), "dit": ("hfgen", "diffusers"), "rin": ("hfgen",)}
 CONVOLUTIONAL = ("unet",)  # the families that channels_last applies to
-VARIANTS = ("eager", "channels_last", "compiled", "compiled_channels_last", "compiled_frozen")
+VARIANTS = (
+    "eager",
+    "channels_last",
+    "compiled",
+    "compiled_channels_last",
+    "compiled_frozen",
+    "autocast_bf16",
+    "channels_last_autocast_bf16",
+    "compiled_autocast_bf16",
+)
+# the forward under torch.autocast(bfloat16) over float32 weights, as ``--mixed_precision bf16`` trains; a full run
+# leaves out the compiled one (one more compile per model): name it in --variants
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "compiled_autocast_bf16")
+AUTOCAST = "autocast_bf16"
 # sampling only: inductor's freezing folds the weights into a no-grad graph as constants (prepacked oneDNN linear
 # and convolution weights, fused epilogues); a training graph is not frozen, so these have no training step
 SAMPLING_ONLY = ("compiled_frozen",)
+
+
+class AutocastForward(torch.nn.Module):
+    """``model``'s forward under ``torch.autocast(bfloat16)``, its weights float32: what Accelerate's
+    ``--mixed_precision bf16`` runs (on a CPU too); the loss and the backward stay outside, as there."""
+
+    def __init__(self, model: torch.nn.Module, device_type: str):
+        super().__init__()
+        self.model, self.device_type = model, device_type
+        self.train(model.training)
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.model(*args, **kwargs)
 
 
 def build(name: str, size: str, dit_patch_size: int = 2) -> tuple[torch.nn.Module, dict]:
@@ -252,6 +283,10 @@ def measure_memory(names: list[str], size: str, batch: int, threads: int, dit_pa
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def autocasts(variants: list[str]) -> bool:
+    return any(AUTOCAST in v for v in variants)
+
+
 def variant_names(family: str, variants: list[str]) -> list[str]:
     """The variants that apply to ``family``: channels_last only to the convolutional ones."""
     return [v for v in variants if "channels_last" not in v or family in CONVOLUTIONAL]
@@ -263,6 +298,8 @@ def prepare_variant(model, inputs, variant: str, backend: str):
     if "channels_last" in variant:
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    if AUTOCAST in variant:
+        model = AutocastForward(model, x.device.type)
     if variant.startswith("compiled"):
         frozen = "frozen" in variant and backend == "inductor"  # options are inductor's (--quick traces only)
         model = torch.compile(model, backend=backend, **({"options": {"freezing": True}} if frozen else {}))
@@ -339,8 +376,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument(
         "--variants",
-        default=",".join(VARIANTS),
-        help=f"comma list of {VARIANTS}, timed side by side; channels_last ones apply to {CONVOLUTIONAL} only",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma list of {VARIANTS}, timed side by side (default: all but compiled_autocast_bf16); "
+        f"channels_last ones apply to {CONVOLUTIONAL} only",
     )
     p.add_argument(
         "--compile",
@@ -509,12 +547,17 @@ def main(args: argparse.Namespace) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     clock = "cpu" if device.type == "cpu" else "wall"  # process CPU time is steadier on a shared CPU
     peak = matmul_peak_gflops(device, dtype, args.matmul_size)
+    bf16_peak = matmul_peak_gflops(device, torch.bfloat16, args.matmul_size) if autocasts(variants) else None
     results: dict = {"matmul_peak_gflops": peak, "pairs": {}, "variants": {}, "ratios": {}}
+    if bf16_peak is not None:
+        results["matmul_peak_gflops_bf16"] = bf16_peak
     lines = [header(f"Denoiser speed (bench_speed.py){' [quick]' if args.quick else ''}")]
     lines.append(
         f"- device {device}, dtype {args.dtype}, size {args.size} (DiT patch {args.dit_patch_size}), batch {args.batch_size}, variants "
         f"{', '.join(variants)} (compile backend {backend}), {args.repeats} interleaved rounds (medians of {clock} "
-        f"time); {args.dtype} matmul peak ({args.matmul_size}^3): {peak:.1f} GFLOP/s\n"
+        f"time); {args.dtype} matmul peak ({args.matmul_size}^3): {peak:.1f} GFLOP/s"
+        + (f"; bfloat16 (the autocast variants' peak): {bf16_peak:.1f} GFLOP/s" if bf16_peak else "")
+        + "\n"
     )
     if backend != "inductor" and any("frozen" in v for v in variants):
         lines.append(f"- freezing is inductor's: with backend {backend} the frozen variants are compiled, not frozen\n")
@@ -535,9 +578,8 @@ def main(args: argparse.Namespace) -> dict:
                 results["variants"][name][variant] = row
                 if variant == "eager":
                     results["pairs"][name] = row
-                lines.append(
-                    variant_line(name, variant, row, own_eager_cell(med, name, variant, fam_variants, clock), peak)
-                )
+                own = own_eager_cell(med, name, variant, fam_variants, clock)
+                lines.append(variant_line(name, variant, row, own, bf16_peak if AUTOCAST in variant else peak))
         if len(names) < 2:
             continue
         pair, results["ratios"][family], family_lines = compare_libraries(

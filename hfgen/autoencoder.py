@@ -28,6 +28,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch import nn
 
+from .layers import GroupNorm
 from .loading import SafeLoadingMixin
 from .unet import Downsample, Upsample  # the same strided-conv / nearest+conv resampling as the U-Net
 
@@ -50,9 +51,9 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, norm_num_groups: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(norm_num_groups, in_channels)
+        self.norm1 = GroupNorm(norm_num_groups, in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(norm_num_groups, out_channels)
+        self.norm2 = GroupNorm(norm_num_groups, out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
@@ -96,7 +97,7 @@ class Encoder(nn.Module):
             down = Downsample(ch) if i < len(block_out_channels) - 1 else nn.Identity()
             self.levels.append(nn.ModuleDict({"blocks": blocks, "down": down}))
         self.mid = ResBlock(ch, ch, norm_num_groups)
-        self.norm_out = nn.GroupNorm(norm_num_groups, ch)
+        self.norm_out = GroupNorm(norm_num_groups, ch)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +136,7 @@ class Decoder(nn.Module):
                 ch = level_ch
             up = Upsample(ch) if i < len(reversed_channels) - 1 else nn.Identity()
             self.levels.append(nn.ModuleDict({"blocks": blocks, "up": up}))
-        self.norm_out = nn.GroupNorm(norm_num_groups, ch)
+        self.norm_out = GroupNorm(norm_num_groups, ch)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

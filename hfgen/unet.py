@@ -31,7 +31,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from .cards import HubCardMixin
-from .layers import Attention, DenoiserOutput, TimestepEmbedder, check_denoiser_inputs
+from .layers import Attention, DenoiserOutput, GroupNorm, TimestepEmbedder, check_denoiser_inputs
 from .loading import SafeLoadingMixin
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -67,10 +67,10 @@ class ResBlock(nn.Module):
     ):
         super().__init__()
         self.scale_shift = scale_shift
-        self.norm1 = nn.GroupNorm(norm_num_groups, in_channels, eps=eps)
+        self.norm1 = GroupNorm(norm_num_groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_proj = nn.Linear(time_embed_dim, (2 if scale_shift else 1) * out_channels)
-        self.norm2 = nn.GroupNorm(norm_num_groups, out_channels, eps=eps)
+        self.norm2 = GroupNorm(norm_num_groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)  # zero-initialised in initialize_weights
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -107,7 +107,7 @@ class AttentionBlock(nn.Module):
         eps: float = 1e-5,
     ):
         super().__init__()
-        self.norm = nn.GroupNorm(norm_num_groups, channels, eps=eps)
+        self.norm = GroupNorm(norm_num_groups, channels, eps=eps)
         self.attn = Attention(channels, num_heads)
         self.norm_cross = None
         self.cross_attn = None
@@ -240,7 +240,7 @@ class UNetModel(SafeLoadingMixin, HubCardMixin, ModelMixin, ConfigMixin):
         self.mid_attn = self._attn_block(ch)
         self.mid_res2 = self._res_block(ch, ch)
         self.up_levels = self._build_decoder(block_out_channels, up_attention, skip_channels)
-        self.norm_out = nn.GroupNorm(norm_num_groups, ch0, eps=norm_eps)
+        self.norm_out = GroupNorm(norm_num_groups, ch0, eps=norm_eps)
         self.conv_out = nn.Conv2d(ch0, out_channels, 3, padding=1)
 
         self.gradient_checkpointing = False

@@ -50,6 +50,23 @@ def test_bench_speed_frozen_variant_is_timed_for_sampling_only(tmp_path):
     assert "with backend eager the frozen variants are compiled, not frozen" in text  # no row passes for frozen
 
 
+def test_bench_speed_autocast_variant_runs_the_forward_in_bf16(tmp_path):
+    """autocast_bf16: float32 weights, the forward's matmuls in bfloat16 (the output comes back in bfloat16), timed
+    beside eager with its GFLOP/s against the bfloat16 matmul peak."""
+    model, spec = bench_speed.build("dit_hfgen", "quick")
+    inputs = bench_speed.make_inputs(spec, 2, "cpu", torch.float32)
+    wrapped, _ = bench_speed.prepare_variant(model.eval(), inputs, "autocast_bf16", "eager")
+    assert not wrapped.training and bench_speed.forward(wrapped, *inputs).dtype == torch.bfloat16
+    assert (
+        next(wrapped.parameters()).dtype == torch.float32 and bench_speed.forward(model, *inputs).dtype == torch.float32
+    )
+    args = ["--quick", "--models", "dit", "--variants", "eager,autocast_bf16", "--results", str(tmp_path / "R.md")]
+    out = bench_speed.main(bench_speed.parse_args(args))
+    assert out["matmul_peak_gflops_bf16"] > 0
+    assert out["ratios"]["dit"]["autocast_bf16 / eager"]["train"] > 0
+    assert "bfloat16 (the autocast variants' peak)" in (tmp_path / "R.md").read_text()
+
+
 def test_bench_speed_trains_in_train_mode_and_samples_in_eval_mode(tmp_path, monkeypatch):
     """Sampling is timed as a pipeline runs it, on an eval-mode model; training on the model in train mode."""
     seen = {"train": set(), "sample": set()}

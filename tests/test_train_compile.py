@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from torch import nn
 
@@ -26,6 +27,9 @@ DIT = ["--model", "dit", "--model_config", "DiT-tiny/2"]
 # and ordered (norm, softmax and convolution sums), a few ulp per op: the losses here agree to < 1e-7 relative. A real
 # difference is far larger: a 10% higher learning rate already moves the third loss by 4e-3. 1e-4 sits in between.
 RTOL = 1e-4
+# bfloat16 forwards (8 bits of mantissa): the tiny U-Net's zero-initialised output layer keeps its early predictions
+# small, so its losses here move by ~2e-5 relative; training that differs (the 10% higher learning rate above) by 4e-3
+BF16_LOSS_RTOL = 1e-3
 
 
 def train(tmp, monkeypatch, *extra) -> list[float]:
@@ -103,6 +107,30 @@ def test_channels_last_training_equals_eager(tmp_path, monkeypatch, eager_unet):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=RTOL, atol=0)
     weights = saved(tmp_path)
     assert weights.keys() == eager_weights.keys() and all(w.is_contiguous() for w in weights.values())
+
+
+def test_bf16_mixed_precision_trains_in_bf16_and_saves_float32(tmp_path, monkeypatch, eager_unet):
+    """--mixed_precision bf16 on a CPU: the convolutions and matmuls of the forward run in bfloat16 (Accelerate's
+    autocast around the prepared model), the losses follow eager's to bfloat16 accuracy, and the saved weights are
+    the float32 master weights."""
+    eager_losses, eager_weights = eager_unet
+    dtypes = set()
+
+    def record(module, args, output):
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and module.training:
+            dtypes.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    AcceleratorState._reset_state(reset_partial_state=True)  # one state per process: this run's mixed precision
+    try:
+        losses = train(tmp_path, monkeypatch, "--mixed_precision", "bf16")
+    finally:
+        handle.remove()
+        AcceleratorState._reset_state(reset_partial_state=True)  # and the next test's from a fresh one
+    assert dtypes == {torch.bfloat16}
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=BF16_LOSS_RTOL, atol=0)
+    weights = saved(tmp_path)
+    assert weights.keys() == eager_weights.keys() and {w.dtype for w in weights.values()} == {torch.float32}
 
 
 def test_compile_model_does_not_compile_twice():
